@@ -1,0 +1,105 @@
+"""One generation's anchoring: the object a host (the WebUI script, the diffusers adapter) holds
+from the first sampling step to the last.
+
+It owns what outlives a single step: the chosen layers, the entity targets per image, the loss
+log, the maps for the mask grids and the warnings. Hooks live only inside ``maybe_anchor``; any
+failure there (a non-finite value, out of memory, a bug) is logged once, the latent is returned
+unchanged and anchoring stops for the rest of the generation, so the image is what it would have
+been with ELA off from that step on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .anchoring import AnchorResult, SamplerSpace, anchor_latent, in_window
+from .capture import AttentionCapture, find_cross_attention_layers, run_truncated
+from .config import ElaConfig
+from .mask_grid import mask_grid
+from .tokens import EntityColumns
+
+logger = logging.getLogger("ela")
+
+
+@dataclass
+class StepLog:
+    step: int
+    losses: list[float]
+    updates: int
+
+
+class AnchoringSession:
+    """Anchors the conditional rows of one generation, step by step."""
+
+    def __init__(self, unet: nn.Module, config: ElaConfig, targets: Sequence[EntityColumns]):
+        self.config = config.validated()
+        self.targets = list(targets)
+        self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
+        self.steps: list[StepLog] = []
+        self.warnings: list[str] = []
+        self.failed = False
+        self._first: Optional[AnchorResult] = None
+        self._last: Optional[AnchorResult] = None
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning("ELA: %s", message)
+
+    def maybe_anchor(self, latent: torch.Tensor, space: SamplerSpace, step_index: int, total_steps: int,
+                     forward: Callable[[torch.Tensor], Any], **loop_options: Any) -> torch.Tensor:
+        """The latent for this step: updated inside the window, else ``latent`` itself.
+
+        ``forward(x)`` runs the host's conditional UNet branch on ``x`` (the sampler's space, one
+        row per target); the capture stops it after the last chosen layer.
+        """
+        if self.failed or not in_window(step_index, total_steps, self.config):
+            return latent
+        try:
+            with AttentionCapture(self.layers, tuple(latent.shape[-2:]), stop_after_last=True) as capture:
+                result = anchor_latent(latent, space, lambda x: run_truncated(capture, lambda: forward(x)),
+                                       self.targets, self.config, **loop_options)
+        except Exception as error:  # noqa: BLE001 - any failure must leave the image as if off
+            self.failed = True
+            self.warn(f"anchoring stopped at step {step_index + 1}, image continues unanchored: "
+                      f"{type(error).__name__}: {error}")
+            return latent
+        self.steps.append(StepLog(step_index, result.losses, result.updates))
+        for row, localization in enumerate(result.localizations):
+            for fallback in localization.fallbacks:
+                self.warn(f"image {row + 1}, step {step_index + 1}: {fallback}")
+        self._first = self._first or result
+        self._last = result
+        return result.latent
+
+    @property
+    def first_loss(self) -> Optional[float]:
+        return self.steps[0].losses[0] if self.steps and self.steps[0].losses else None
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        return self.steps[-1].losses[-1] if self.steps and self.steps[-1].losses else None
+
+    def log_lines(self) -> list[str]:
+        return [f"step {log.step + 1}: loss " + " -> ".join(f"{loss:.4f}" for loss in log.losses)
+                + f" ({log.updates} updates)" for log in self.steps]
+
+    def infotext_summary(self) -> str:
+        """``steps=..;updates=..;loss=first->last`` for the infotext (no ``,`` or ``:``)."""
+        if not self.steps:
+            return "steps=0"
+        updates = sum(log.updates for log in self.steps)
+        return f"steps={len(self.steps)};updates={updates};loss={self.first_loss:.4f}->{self.last_loss:.4f}"
+
+    def mask_grid(self, row: int) -> Optional[Image.Image]:
+        """Image ``row``'s grid, or None if no step was anchored."""
+        if self._first is None or self._last is None or self._first.maps_first is None:
+            return None
+        return mask_grid(self._first.maps_first[row], self._last.maps_last[row], self.targets[row],
+                         self._first.localizations[row])

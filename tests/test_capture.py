@@ -1,0 +1,134 @@
+"""Attention capture and the truncated grad pass on a real (tiny) diffusers UNet."""
+
+import pytest
+import torch
+from torch import nn
+
+from ela_ext.capture import (AttentionCapture, CaptureError, attention_probs, find_cross_attention_layers,
+                             layer_hw, run_truncated)
+
+
+def all_hook_counts(model: nn.Module) -> dict:
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def test_default_layers_are_the_lowest_resolution_up_block_with_cross_attention(tiny_unet):
+    names = [name for name, _ in find_cross_attention_layers(tiny_unet)]
+    assert names == ["up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                     "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]
+    assert [n for n, _ in find_cross_attention_layers(tiny_unet, "mid")] == [
+        "mid_block.attentions.0.transformer_blocks.0.attn2"]
+    assert len(find_cross_attention_layers(tiny_unet, "up_all")) == 4
+    assert len(find_cross_attention_layers(tiny_unet, "up_lowest+mid")) == 3
+    assert [n for n, _ in find_cross_attention_layers(tiny_unet, "down_lowest")] == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2"]
+
+
+def test_ldm_layout_levels_follow_the_upsamplers():
+    """ldm's output_blocks: a level ends with the block that holds an Upsample."""
+
+    class Upsample(nn.Module):
+        pass
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.heads = nn.Linear(4, 4), nn.Linear(4, 4), 1
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn2 = CrossAttention()
+
+    def block(*parts):
+        return nn.Sequential(*parts)
+
+    class LdmUnet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # SD1 pattern: level 0 (8x8) without attention, level 1 (16x16) with it
+            self.output_blocks = nn.ModuleList([
+                block(nn.Identity()), block(nn.Identity()), block(nn.Identity(), Upsample()),
+                block(nn.Identity(), Transformer()), block(nn.Identity(), Transformer()),
+                block(nn.Identity(), Transformer(), Upsample()),
+                block(nn.Identity(), Transformer()), block(nn.Identity(), Transformer()),
+            ])
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = LdmUnet()
+
+    names = [n for n, _ in find_cross_attention_layers(Wrapper())]
+    assert names == [f"diffusion_model.output_blocks.{i}.1.attn2" for i in (3, 4, 5)]
+
+
+def test_maps_sum_to_one_over_columns_and_outputs_are_bit_identical(tiny_unet, context):
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = tiny_unet(latent, 500, encoder_hidden_states=context).sample
+        layers = [m for _, m in find_cross_attention_layers(tiny_unet, "up_all")]
+        with AttentionCapture(layers, (16, 16)) as capture:
+            captured = tiny_unet(latent, 500, encoder_hidden_states=context).sample
+            maps = capture.maps
+    assert torch.equal(plain, captured)
+    assert maps.shape == (1, 77, 16, 16)  # 8x8 maps of up_blocks.1 resized to up_blocks.2's 16x16
+    assert torch.allclose(maps.sum(1), torch.ones(1, 16, 16), atol=1e-5)
+
+
+def test_non_square_latent_gives_true_height_and_width(tiny_unet, context):
+    latent = torch.randn(1, 4, 16, 24)
+    layers = [m for _, m in find_cross_attention_layers(tiny_unet)]
+    with torch.no_grad(), AttentionCapture(layers, (16, 24)) as capture:
+        tiny_unet(latent, 500, encoder_hidden_states=context)
+    assert capture.maps.shape == (1, 77, 8, 12)
+    assert layer_hw(24, (13, 21)) == (4, 6)  # ceil at each stride-2 step
+
+
+def test_recomputed_probs_match_the_modules_own_attention(tiny_unet, context):
+    """Our fp32 softmax(QK^T * scale) equals diffusers' own probabilities for that layer."""
+    layer = find_cross_attention_layers(tiny_unet)[0][1]
+    hidden = torch.randn(1, 64, layer.to_q.in_features)
+    ours = attention_probs(layer, hidden, context)
+    query = layer.head_to_batch_dim(layer.to_q(hidden))
+    key = layer.head_to_batch_dim(layer.to_k(context))
+    theirs = layer.get_attention_scores(query, key).reshape(1, layer.heads, 64, 77).mean(1)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_no_handle_left_after_exception_or_interrupt(tiny_unet, context):
+    before = all_hook_counts(tiny_unet)
+    layers = [m for _, m in find_cross_attention_layers(tiny_unet, "up_all")]
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with AttentionCapture(layers, (16, 16)):
+                assert all_hook_counts(tiny_unet) != before
+                raise error
+        assert all_hook_counts(tiny_unet) == before
+    with pytest.raises(CaptureError):
+        with AttentionCapture(layers, (16, 16)) as capture:
+            run_truncated(capture, lambda: None)  # nothing ran: a clear error, no map
+    assert all_hook_counts(tiny_unet) == before
+
+
+def test_truncated_pass_gives_the_full_pass_maps_and_latent_gradient(tiny_unet, context):
+    layers = [m for _, m in find_cross_attention_layers(tiny_unet)]
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ran_last_block = []
+    handle = tiny_unet.up_blocks[2].register_forward_pre_hook(lambda *a: ran_last_block.append(1))
+    try:
+        results = []
+        for truncated in (False, True):
+            leaf = latent.clone().requires_grad_(True)
+            with torch.enable_grad(), AttentionCapture(layers, (16, 16), stop_after_last=truncated) as capture:
+                maps = run_truncated(capture, lambda: tiny_unet(leaf, 400, encoder_hidden_states=context))
+                loss = (maps[:, 3] * torch.linspace(0, 1, 64).reshape(8, 8)).sum()
+                (grad,) = torch.autograd.grad(loss, [leaf])
+            results.append((maps.detach(), grad))
+    finally:
+        handle.remove()
+    assert ran_last_block == [1]  # only the full pass reached the last up-block
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert results[1][1].abs().sum() > 0
+    assert all(p.grad is None for p in tiny_unet.parameters())
