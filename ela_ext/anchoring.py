@@ -153,7 +153,7 @@ def anchor_latent(latent: torch.Tensor, space: SamplerSpace, grad_pass: Callable
         result.maps_last = maps.detach()
         if not torch.isfinite(per_image).all():
             raise AnchoringError("non-finite anchoring loss")
-        result.losses.append(float(per_image.mean()))
+        result.losses.append(float(per_image.detach().mean()))
         active = per_image.detach() >= config.loss_threshold
         if not active.any():
             break
