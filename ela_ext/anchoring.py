@@ -150,6 +150,7 @@ def anchor_latent(latent: torch.Tensor, space: SamplerSpace, grad_pass: Callable
             per_image = torch.stack([
                 objective(objective_input(maps[row], target, result.localizations[row], config.lambda_weight))
                 for row, target in enumerate(targets)])
+            total = per_image.sum()  # inside: under a host's no_grad a sum outside has no graph
         result.maps_last = maps.detach()
         if not torch.isfinite(per_image).all():
             raise AnchoringError("non-finite anchoring loss")
@@ -160,7 +161,7 @@ def anchor_latent(latent: torch.Tensor, space: SamplerSpace, grad_pass: Callable
         if direction == "random":
             grad = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
         else:
-            (grad,) = torch.autograd.grad(per_image.sum(), [leaf])
+            (grad,) = torch.autograd.grad(total, [leaf])
         if not torch.isfinite(grad).all():
             raise AnchoringError("non-finite latent gradient")
         step = latent_step(grad, config.step_size, space.noise_fraction)

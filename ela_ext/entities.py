@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -46,9 +47,9 @@ POSTURE_WORDS = frozenset({
 # Relations between entities: each splits the prompt into entity parts; a posture verb before the
 # preposition belongs to the relation.
 _POSTURE = r"(?:(?:" + "|".join(sorted(POSTURE_WORDS)) + r")\s+)?"
-_RELATION = (r"\s*,\s*|\s*;\s*|\.\s+|\s+and\s+|\s+" + _POSTURE +
-             r"(?:with|next\s+to|beside|on\s+top\s+of|on|in\s+front\s+of|behind|near|under|above|below|by)\s+|"
-             r"\s+(?:holding|wearing|riding|eating|chasing|carrying)\s+")
+_RELATION = (r"\s*,\s*|\s*;\s*|\.\s+|\s+and\s+|\s+" + _POSTURE
+             + r"(?:with|next\s+to|beside|on\s+top\s+of|on|in\s+front\s+of|behind|near|under|above"
+             r"|below|by)\s+|\s+(?:holding|wearing|riding|eating|chasing|carrying)\s+")
 # Scene context ("in a garden", "at night") is where the entities are, not another entity.
 _SCENE = r"\s+" + _POSTURE + r"(?:in(?!\s+front\s+of)|at|inside|during)\s+"
 _PART_SEPARATOR = re.compile(f"({_SCENE})|{_RELATION}")
@@ -93,9 +94,9 @@ def format_spec(phrases: Iterable[EntityPhrase]) -> str:
 def detect_entities(prompt: str, use_spacy: bool | None = None) -> list[EntityPhrase]:
     """Entities of a prompt's first ``AND`` sub-prompt, found in its plain words.
 
-    With ``use_spacy`` None, spaCy's noun chunks are used when spaCy and its small English model import,
-    and word patterns otherwise; True or False forces one. Both skip framing nouns ("a photo of"),
-    scene context ("in a garden") and style tags ("highly detailed"). The first sub-prompt is the
+    With ``use_spacy`` None, spaCy's noun chunks are used when spaCy and its small English model
+    import, and word patterns otherwise; True or False forces one. Both skip framing nouns ("a
+    photo of"), scene context ("in a garden") and style tags ("highly detailed"). The first sub-prompt is the
     one read because each ``AND`` row has its own columns and the first is the prompt's subject.
     """
     text = sub_prompts(prompt)[0]
@@ -121,11 +122,11 @@ def _parse_phrase(text: str, index: int, spec: str) -> EntityPhrase:
 
 
 def _check_no_duplicates(phrases: list[EntityPhrase]) -> None:
-    seen: set[str] = set()
-    repeated = [phrase.entity for phrase in phrases if phrase.entity in seen or seen.add(phrase.entity)]
+    counts = Counter(phrase.entity for phrase in phrases)
+    repeated = [entity for entity, count in counts.items() if count > 1]
     if repeated:
         raise EntitySpecError(
-            f"entity {', '.join(map(repr, dict.fromkeys(repeated)))} named more than once in the spec; "
+            f"entity {', '.join(map(repr, repeated))} named more than once in the spec; "
             "each entity needs its own word")
 
 

@@ -1,0 +1,94 @@
+"""ELA inside a plain diffusers denoising loop: a ``UNet2DConditionModel``, a CLIP text encoder
+and tokenizer, and a scheduler, without the WebUI.
+
+The same ``AnchoringSession`` the WebUI script uses runs here, so scripts, research code, the
+tests and the benchmark exercise exactly the extension's engine. diffusers itself is imported
+nowhere: the objects passed in are used through their public methods only (``set_timesteps``,
+``scale_model_input``, ``step``, ``sigmas`` / ``alphas_cumprod``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .anchoring import SamplerSpace
+from .config import ElaConfig
+from .entities import detect_entities, parse_spec
+from .session import AnchoringSession
+from .tokens import EntityColumns, chunks_from_ids, resolve_entities
+
+CHUNK = 77
+
+
+@dataclass
+class SampleResult:
+    """Final latents, and the session (loss log, masks, warnings) when anchoring was on."""
+
+    latents: torch.Tensor
+    session: Optional[AnchoringSession] = None
+    targets: list[EntityColumns] = field(default_factory=list)
+
+
+def prompt_targets(tokenizer: Any, prompts: Sequence[str], specs: Sequence[str]) -> list[EntityColumns]:
+    """Each prompt's entity columns; an empty spec means detect from the prompt."""
+    targets = []
+    for prompt, spec in zip(prompts, specs):
+        phrases = parse_spec(spec) if spec.strip() else detect_entities(prompt)
+        ids = tokenizer(prompt, padding="max_length", max_length=CHUNK, truncation=True).input_ids
+        targets.append(resolve_entities(
+            phrases, chunks_from_ids(ids),
+            lambda word: tokenizer(word, add_special_tokens=False).input_ids,
+            pad_ids=(tokenizer.pad_token_id, tokenizer.eos_token_id)))
+    return targets
+
+
+def encode(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """SD-style conditioning: the last hidden state of 77 padded tokens per prompt."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=CHUNK, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def sampler_space(scheduler: Any, step_index: int, timestep: Any) -> SamplerSpace:
+    """k-diffusion-style schedulers (Euler, DPM++ with sigmas, ``init_noise_sigma`` > 1) hold
+    ``x = z_t / c_in``; DDIM/DDPM/PNDM-style ones hold ``z_t`` at a discrete timestep."""
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 and hasattr(scheduler, "sigmas"):
+        return SamplerSpace.from_sigma(float(scheduler.sigmas[step_index]))
+    return SamplerSpace.from_timestep(float(timestep), scheduler.alphas_cumprod)
+
+
+@torch.no_grad()
+def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts: Sequence[str],
+           config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
+           entity_specs: Optional[Sequence[str]] = None, generator: Optional[torch.Generator] = None,
+           **loop_options: Any) -> SampleResult:
+    """Classifier-free guided sampling from ``latents`` (unit-variance noise), anchoring the
+    conditional rows on the first UNet evaluation of each step inside the window.
+
+    ``entity_specs``: one spec per prompt (default: ``config.entities`` for all). Raises the
+    engine's EntitySpecError for a spec that does not fit a prompt, before any sampling.
+    """
+    config = config.validated()
+    specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)
+    targets = prompt_targets(tokenizer, prompts, specs) if config.enabled else []
+    cond = encode(tokenizer, text_encoder, prompts)
+    uncond = encode(tokenizer, text_encoder, [""] * len(prompts))
+    session = AnchoringSession(unet, config, targets) if config.enabled else None
+
+    scheduler.set_timesteps(num_steps)
+    latents = latents * scheduler.init_noise_sigma
+    for step_index, timestep in enumerate(scheduler.timesteps):
+        if session is not None:
+            def forward(x: torch.Tensor, t: Any = timestep) -> Any:
+                return unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond)
+            latents = session.maybe_anchor(latents, sampler_space(scheduler, step_index, timestep),
+                                           step_index, num_steps, forward, **loop_options)
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+        noise = unet(model_input, timestep, encoder_hidden_states=torch.cat([cond, uncond])).sample
+        noise_cond, noise_uncond = noise.chunk(2)
+        guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(guided, timestep, latents, generator=generator).prev_sample
+    return SampleResult(latents, session, targets)

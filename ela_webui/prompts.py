@@ -1,0 +1,116 @@
+"""Entity columns exactly as the WebUI conditions a prompt (host.md "Prompt -> token columns").
+
+Generation and the token route both go through ``resolve`` so the preview shows what generation
+anchors: the loaded model's own ``tokenize_line`` (emphasis, ``BREAK``, 75-token chunks, comma
+backtracking and embeddings included), on the first ``AND`` sub-prompt, at one step's schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modules import extra_networks, prompt_parser, shared
+
+from ela_ext.entities import EntityPhrase, detect_entities, parse_spec
+from ela_ext.tokens import EntityColumns, resolve_entities, token_table
+
+# The token route has no step count; step 0's text is the same for any count large enough that a
+# fractional [from:to:0.1] has not switched yet.
+PREVIEW_STEPS = 100
+
+
+def text_encoder(sd_model=None):
+    """The CLIP-L tokenizer generation uses: SD1/2 ``cond_stage_model``, SDXL
+    ``conditioner.embedders[0]`` (both encoders chunk alike), Forge's text processing engine."""
+    model = sd_model or shared.sd_model
+    for forge_engine in ("text_processing_engine_l", "text_processing_engine"):
+        if getattr(model, forge_engine, None) is not None:
+            return getattr(model, forge_engine)
+    if hasattr(model, "conditioner"):
+        return model.conditioner.embedders[0]
+    return model.cond_stage_model
+
+
+def first_sub_prompt(prompt: str) -> tuple[str, int]:
+    """The text of the first ``AND`` sub-prompt (the one ELA anchors) and the number of them."""
+    res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list([prompt])
+    return flat[res_indexes[0][0][0]], len(res_indexes[0])
+
+
+def scheduled_texts(text: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+    """``[(end_at_step, text), ...]`` as prompt_parser schedules ``[from:to:when]`` and ``[a|b]``."""
+    schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
+        [text], steps, hires_steps, shared.opts.use_old_scheduling)[0]
+    return [(end_at_step, scheduled) for end_at_step, scheduled in schedule]
+
+
+def text_at_step(schedule: list[tuple[int, str]], step: int) -> str:
+    """The scheduled text for denoiser call ``step``, picked as reconstruct_multicond_batch does."""
+    for end_at_step, text in schedule:
+        if step <= end_at_step:
+            return text
+    return schedule[0][1]
+
+
+def entity_phrases(spec: str, prompt: str) -> list[EntityPhrase]:
+    """The user's spec, or the entities detected in the prompt when it is blank."""
+    return parse_spec(spec) or detect_entities(prompt)
+
+
+def decode_token(encoder, token_id: int) -> str:
+    """A BPE piece as text (``cat</w>``): HF tokenizer for SD1/SDXL, open_clip's for SD2."""
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return tokenizer.convert_ids_to_tokens(int(token_id))
+    import open_clip
+
+    return open_clip.tokenizer._tokenizer.decoder[int(token_id)]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One text's chunks and entity columns."""
+
+    chunks: list[list[int]]
+    columns: EntityColumns
+
+    @property
+    def problem(self) -> str | None:
+        """Why this text cannot be anchored, or None: ELA separates entities, so it needs two."""
+        count = len(self.columns.entities)
+        return None if count >= 2 else f"ELA needs at least two entities, found {count}"
+
+
+def resolve(phrases: list[EntityPhrase], text: str, encoder=None) -> Resolved:
+    """Tokenise ``text`` (one sub-prompt at one step) with the model and map ``phrases`` onto it.
+
+    Raises ``EntitySpecError`` (``EntityNotInPromptError`` included) with the reason.
+    """
+    encoder = encoder or text_encoder()
+    chunks = [list(chunk.tokens) for chunk in encoder.tokenize_line(text)[0]]
+    columns = resolve_entities(phrases, chunks, lambda word: encoder.tokenize([word])[0], pad_ids(encoder))
+    return Resolved(chunks, columns)
+
+
+def pad_ids(encoder) -> set[int]:
+    return {encoder.id_end, encoder.id_pad}
+
+
+def token_rows(chunks: list[list[int]], encoder=None) -> list[dict]:
+    """``{"column", "text", "word"}`` per text token; ``word`` joins a word's BPE pieces, so a UI
+    can toggle the word a piece belongs to."""
+    encoder = encoder or text_encoder()
+    table = token_table(chunks, lambda token_id: decode_token(encoder, token_id), pad_ids(encoder))
+    rows, pieces = [], []
+    for column, piece in table:
+        pieces.append((column, piece.replace("</w>", "")))
+        if piece.endswith("</w>") or column == table[-1][0]:
+            word = "".join(text for _, text in pieces)
+            rows.extend({"column": c, "text": text, "word": word} for c, text in pieces)
+            pieces = []
+    return rows
+
+
+def strip_extra_networks(prompt: str) -> str:
+    """``<lora:x:1>`` and other extra-network tags removed, as generation does before conditioning."""
+    return extra_networks.parse_prompt(prompt)[0]

@@ -1,0 +1,170 @@
+"""Anchoring inside the WebUI's samplers: the wrapper around ``p.sampler.model_wrap_cfg.forward``.
+
+Why there (host.md "Callbacks"): ``CFGDenoiserParams.x`` is a copy, so changing it moves only this
+call's UNet input. The ``x`` the sampler passes to its CFG denoiser is the sampler's own latent on
+the first evaluation of each step; writing the anchored latent into it IN PLACE makes both this
+step's denoising and the sampler's update continue from it. A sampler object, and so the wrapper,
+lives for one batch's pass: nothing is left on the model, and the capture hooks exist only inside
+``AnchoringSession.maybe_anchor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from modules import prompt_parser
+from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
+
+from ela_ext.anchoring import SamplerSpace, in_window
+from ela_ext.config import ElaConfig
+from ela_ext.entities import EntityPhrase, EntitySpecError
+from ela_ext.session import AnchoringSession
+from ela_webui import debug
+from ela_webui.prompts import Resolved, resolve, text_at_step
+
+logger = logging.getLogger("ela")
+
+
+def first_evaluation_step(denoiser, sampler) -> Optional[int]:
+    """The sampling step that this denoiser call starts, or None for a later evaluation of a step.
+
+    A write into ``x`` is carried on only at a step's first evaluation (host.md measured it:
+    Heun's and PLMS's second calls evaluate a temporary latent). ``denoiser.step`` counts calls;
+    second-order k-diffusion samplers (``total_steps = 2 * steps - 1``) make two per step but the
+    last, and PLMS's warm-up step makes one extra call (call 1).
+    """
+    call = denoiser.step
+    if denoiser.total_steps != denoiser.steps:
+        return None if call % 2 else call // 2
+    if getattr(sampler, "funcname", None) == "plms":
+        return None if call == 1 else max(call - 1, 0)
+    return call
+
+
+def sampler_space(denoiser, sigma: float) -> SamplerSpace:
+    """k-diffusion denoisers get a noise level; DDIM/PLMS/UniPC the UNet timestep (host.md)."""
+    if isinstance(denoiser, CFGDenoiserTimesteps):
+        return SamplerSpace.from_timestep(sigma, denoiser.alphas)
+    return SamplerSpace.from_sigma(sigma)
+
+
+def conditional_inputs(sd_model, text_cond, image_cond):
+    """A fresh cond dict for the conditional rows, laid out as CFGDenoiser.forward builds it;
+    fresh on every call because ``apply_model`` mutates the dict it gets."""
+    if getattr(sd_model.model, "conditioning_key", None) == "crossattn-adm":
+        return {"c_crossattn": [text_cond], "c_adm": image_cond}
+    if isinstance(text_cond, dict):
+        return {**text_cond, "c_concat": [image_cond]}
+    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
+
+
+def select_rows(cond, rows: list[int]):
+    """Rows of a conditioning tensor, or of every tensor of an SDXL cond dict."""
+    if isinstance(cond, dict):
+        return {key: value[rows] for key, value in cond.items()}
+    return cond[rows]
+
+
+@dataclass
+class ImageEntities:
+    """One image of the batch: its index in the generation, its phrases and its scheduled text."""
+
+    index: int
+    position: int
+    phrases: list[EntityPhrase]
+    schedule: list[tuple[int, str]]
+
+
+class AnchoredPass:
+    """One sampling pass of one batch (or its hires pass) with the denoiser wrapped.
+
+    ``run.warn(index, message)`` receives every problem; an image that cannot be anchored is
+    sampled exactly as with ELA off. An exception in this code stops anchoring for the pass.
+    """
+
+    def __init__(self, run, p, images: list[ImageEntities]):
+        self.run = run
+        self.config: ElaConfig = run.config
+        self.p = p
+        self.images = images
+        self.denoiser = p.sampler.model_wrap_cfg
+        self.stopped = False
+        self.sessions: dict[tuple, AnchoringSession] = {}
+        self.image_sessions: dict[int, tuple[AnchoringSession, int]] = {}
+        self._resolved: dict[tuple[int, str], Optional[Resolved]] = {}
+        self._original_forward = self.denoiser.forward
+        self.denoiser.forward = self.forward
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        recorder = debug.record_call(x) if debug.ENABLED else None
+        step = first_evaluation_step(self.denoiser, self.p.sampler)
+        if not self.stopped and step is not None and in_window(step, self.denoiser.steps, self.config):
+            try:
+                self.anchor(x, sigma, cond, image_cond, step)
+            except Exception as error:  # noqa: BLE001 - our failure must not fail the generation
+                self.stopped = True
+                for image in self.images:
+                    self.run.warn(image.index, f"anchoring stopped at step {step + 1}: "
+                                               f"{type(error).__name__}: {error}")
+                logger.exception("ELA: anchoring failed")
+        if recorder is not None:
+            recorder.anchored(x, step)
+        denoised = self._original_forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        if recorder is not None:
+            recorder.returned(denoised, float(sigma[0]))
+        return denoised
+
+    def anchor(self, x: torch.Tensor, sigma, cond, image_cond, step: int) -> None:
+        """Anchor the conditional rows of every image that resolves, writing into ``x`` in place."""
+        call = self.denoiser.step
+        targets = [(image, self.resolved(image, text_at_step(image.schedule, call))) for image in self.images]
+        targets = [(image, resolved) for image, resolved in targets if resolved is not None]
+        if not targets:
+            return
+        positions = [image.position for image, _ in targets]
+        session = self.session_for(targets)
+        conds_list, text_cond = prompt_parser.reconstruct_multicond_batch(cond, call)
+        # Image i's first AND sub-prompt row; the latent row is shared by all its sub-prompts.
+        cond_rows = [conds_list[position][0][0] for position in positions]
+        index = torch.tensor(positions, device=x.device)
+
+        def conditional_branch(latent: torch.Tensor):
+            inputs = conditional_inputs(self.p.sd_model, select_rows(text_cond, cond_rows), image_cond[index])
+            return self.denoiser.inner_model(latent, sigma[index], cond=inputs)
+
+        rows = x[index]
+        updated = session.maybe_anchor(rows, sampler_space(self.denoiser, float(sigma[positions[0]])), step,
+                                       self.denoiser.steps, conditional_branch)
+        if updated is not rows:
+            x.index_copy_(0, index, updated.to(x.dtype))
+
+    def resolved(self, image: ImageEntities, text: str) -> Optional[Resolved]:
+        """The image's columns for this scheduled text (cached), or None with a warning."""
+        key = (image.position, text)
+        if key not in self._resolved:
+            try:
+                result = resolve(image.phrases, text)
+                problem = result.problem
+            except EntitySpecError as error:
+                result, problem = None, str(error)
+            if problem:
+                self.run.warn(image.index, f"{problem}: image left unanchored")
+                result = None
+            self._resolved[key] = result
+        return self._resolved[key]
+
+    def session_for(self, targets: list[tuple[ImageEntities, Resolved]]) -> AnchoringSession:
+        """One session per set of targets: a schedule that changes the text mid-window gives the
+        images new columns, and a session's targets are fixed."""
+        key = tuple((image.position, resolved.columns) for image, resolved in targets)
+        if key not in self.sessions:
+            unet = self.p.sd_model.model.diffusion_model
+            self.sessions[key] = AnchoringSession(unet, self.config, [resolved.columns for _, resolved in targets])
+        session = self.sessions[key]
+        for row, (image, _) in enumerate(targets):
+            self.image_sessions[image.index] = (session, row)
+        return session
