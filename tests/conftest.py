@@ -9,24 +9,7 @@ import torch
 
 torch.set_num_threads(1)
 
-CONTEXT_DIM = 32
-
-
-def build_tiny_unet(seed: int = 0):
-    """Three resolution levels with cross-attention in the two upper up-blocks, SD's layout
-    in small: up_blocks.0 has none, so ``up_lowest`` must pick up_blocks.1 (and the truncated
-    pass skips up_blocks.2)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=8,
-    )
-    return unet.eval()
+from benchmark.tiny_unet import CONTEXT_DIM, build_tiny_unet  # noqa: E402
 
 
 @pytest.fixture(scope="session")

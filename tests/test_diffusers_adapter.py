@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clip_bpe import clip_tokenizer  # noqa: F401  (fixture)
-from conftest import CONTEXT_DIM
+from benchmark.tiny_unet import CONTEXT_DIM
 from ela_ext.config import ElaConfig, replace
 from ela_ext.diffusers_adapter import sample, sampler_space
 from ela_ext.tokens import EntityNotInPromptError

@@ -1,0 +1,1 @@
+"""The bundled model, its evaluator and the benchmarks that measure what ELA fixes."""

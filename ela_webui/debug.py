@@ -1,0 +1,57 @@
+"""What the real-host tests need to see inside a generation; on only with ``ELA_DEBUG=1`` at start.
+
+Two things cannot be read from an image: whether the sampler continued from the anchored latent
+(not just this call's UNet input), and whether any hook was left on an attention module. With the
+variable set, the denoiser wrapper records every call of the last ELA generation (the latent it
+got, the latent after anchoring, what the call returned) and ``/ela/v1/debug/*`` serve them and
+the hook counts. Without it nothing is recorded and the routes do not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+ENABLED = os.environ.get("ELA_DEBUG") == "1"
+
+# Calls of the current (or last) ELA generation, in order.
+calls: list[dict] = []
+
+
+def _rows(tensor: torch.Tensor) -> list[list[float]]:
+    return tensor.detach().float().cpu().flatten(1).tolist()
+
+
+class CallRecord:
+    """One denoiser call: ``x_in`` as the sampler passed it, ``x_anchored`` after our in-place
+    write (None when this call anchored nothing), ``output`` the CFG denoiser's result."""
+
+    def __init__(self, x: torch.Tensor):
+        self.entry: dict = {"x_in": _rows(x)}
+        self._x_in = x.detach().clone()
+        calls.append(self.entry)
+
+    def anchored(self, x: torch.Tensor, step: Optional[int]) -> None:
+        self.entry["step"] = step
+        self.entry["x_anchored"] = None if torch.equal(x, self._x_in) else _rows(x)
+
+    def returned(self, output: torch.Tensor, sigma: float) -> None:
+        self.entry["output"] = _rows(output)
+        self.entry["sigma"] = sigma
+
+
+def record_call(x: torch.Tensor) -> CallRecord:
+    return CallRecord(x)
+
+
+def start_generation() -> None:
+    calls.clear()
+
+
+def hook_counts(unet: torch.nn.Module) -> dict[str, int]:
+    """Forward/backward (pre-)hooks on every attention module of the UNet, by module name."""
+    return {name: sum(len(getattr(module, attr)) for attr in
+                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+            for name, module in unet.named_modules() if hasattr(module, "to_q") and hasattr(module, "to_k")}

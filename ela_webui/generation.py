@@ -1,0 +1,94 @@
+"""One generation with ELA on: its settings, each sampling pass, and what each image reports."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Optional
+
+from PIL import Image
+
+from modules import sd_samplers
+
+from ela_ext.config import ElaConfig, replace
+from ela_ext.entities import EntitySpecError, format_spec
+from ela_webui.prompts import entity_phrases, first_sub_prompt, scheduled_texts
+from ela_webui.sampling import AnchoredPass, ImageEntities
+
+logger = logging.getLogger("ela")
+
+
+def schedule_steps(p) -> tuple[int, Optional[int]]:
+    """The (steps, hires_steps) the WebUI scheduled this pass's prompts with (processing.py
+    ``setup_conds`` / ``calculate_hr_conds``), so ``[from:to:when]`` switches at the same call."""
+    if not getattr(p, "is_hr_pass", False):
+        return p.firstpass_steps, None
+    config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+    steps = p.hr_second_pass_steps or p.steps
+    return p.firstpass_steps, config.total_steps(steps) if config else steps
+
+
+class ElaRun:
+    """Stored on ``p`` by the script's ``process``; gone with ``p`` when the generation ends."""
+
+    def __init__(self, config: ElaConfig):
+        self.config = config
+        self.passes: list[AnchoredPass] = []
+        self.first_pass: dict[int, AnchoredPass] = {}
+        self.specs: dict[int, str] = {}
+        self.warnings: dict[int, list[str]] = defaultdict(list)
+        self._logged: set[str] = set()
+
+    def warn(self, index: int, message: str) -> None:
+        """Record for image ``index``'s infotext; log each distinct message to the console once."""
+        if message not in self.warnings[index]:
+            self.warnings[index].append(message)
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.warning("ELA: %s", message)
+
+    def start_pass(self, p) -> None:
+        """Wrap this batch's sampler: resolve each image's entities against the prompt it is
+        conditioned on (extra networks stripped; hires prompts in the hires pass)."""
+        prompts = p.hr_prompts if getattr(p, "is_hr_pass", False) else p.prompts
+        steps, hires_steps = schedule_steps(p)
+        images = []
+        for position, prompt in enumerate(prompts):
+            index = p.iteration * p.batch_size + position
+            try:
+                phrases = entity_phrases(self.config.entities, prompt)
+            except EntitySpecError as error:
+                self.warn(index, f"{error}: image left unanchored")
+                continue
+            text, sub_prompt_count = first_sub_prompt(prompt)
+            if sub_prompt_count > 1:
+                self.warn(index, "AND prompt: entities are anchored in the first sub-prompt only")
+            self.specs.setdefault(index, format_spec(phrases))
+            images.append(ImageEntities(index, position, phrases, scheduled_texts(text, steps, hires_steps)))
+        if images:
+            anchored = AnchoredPass(self, p, images)
+            self.passes.append(anchored)
+            for image in images:
+                self.first_pass.setdefault(image.index, anchored)
+
+    def _session(self, index: int):
+        anchored = self.first_pass.get(index)
+        return anchored.image_sessions.get(index) if anchored else None
+
+    # Infotext values: the WebUI calls these with create_infotext's locals (``index`` among them).
+    def settings_infotext(self, index: int = 0, **_) -> str:
+        """All settings, with the entities this image was anchored on (detected ones included)."""
+        return replace(self.config, entities=self.specs.get(index, self.config.entities)).to_infotext()
+
+    def log_infotext(self, index: int = 0, **_) -> Optional[str]:
+        found = self._session(index)
+        return found[0].infotext_summary() if found else None
+
+    def warnings_infotext(self, index: int = 0, **_) -> Optional[str]:
+        found = self._session(index)
+        messages = self.warnings.get(index, []) + (found[0].warnings if found else [])
+        return "; ".join(dict.fromkeys(messages)) or None
+
+    def mask_grid(self, index: int) -> Optional[Image.Image]:
+        found = self._session(index)
+        return found[0].mask_grid(found[1]) if found else None

@@ -1,0 +1,66 @@
+"""HTTP routes: ``POST /ela/v1/tokens`` for the UI's token preview and for API users, and the
+debug routes of ``debug.py`` (only with ``ELA_DEBUG=1``)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+
+from modules import shared
+
+from ela_ext.entities import EntitySpecError, format_spec
+from ela_webui import debug
+from ela_webui.prompts import (PREVIEW_STEPS, entity_phrases, first_sub_prompt, resolve, scheduled_texts,
+                               strip_extra_networks, text_encoder, token_rows)
+
+
+class TokensRequest(BaseModel):
+    prompt: str
+    entities: str = ""
+
+
+def tokens(request: TokensRequest) -> dict:
+    """The prompt's tokens and the spec's columns, as generation's first step would resolve them.
+
+    A blank ``entities`` detects them from the prompt; the spec that was used comes back as
+    ``spec``. A spec that cannot be used answers 422 with the reason.
+    """
+    prompt = strip_extra_networks(request.prompt)
+    text, sub_prompt_count = first_sub_prompt(prompt)
+    text = scheduled_texts(text, PREVIEW_STEPS)[0][1]
+    encoder = text_encoder()
+    try:
+        phrases = entity_phrases(request.entities, prompt)
+        resolved = resolve(phrases, text, encoder)
+    except EntitySpecError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    warnings = [resolved.problem] if resolved.problem else []
+    if sub_prompt_count > 1:
+        warnings.append("AND prompt: entities are anchored in the first sub-prompt only")
+    columns = resolved.columns
+    return {
+        "spec": format_spec(phrases),
+        "entities": [{"word": entity.word, "columns": list(entity.columns),
+                      "attributes": [{"word": attribute.word, "columns": list(attribute.columns)}
+                                     for attribute in entity.attributes]}
+                     for entity in columns.entities],
+        "sot_columns": list(columns.sot_columns),
+        "tokens": token_rows(resolved.chunks, encoder),
+        "warnings": warnings,
+    }
+
+
+def debug_calls() -> dict:
+    return {"calls": debug.calls}
+
+
+def debug_hooks() -> dict:
+    return {"hooks": debug.hook_counts(shared.sd_model.model.diffusion_model)}
+
+
+def register(_demo, app: FastAPI) -> None:
+    """``script_callbacks.on_app_started`` target (also fired with ``--nowebui``)."""
+    app.add_api_route("/ela/v1/tokens", tokens, methods=["POST"])
+    if debug.ENABLED:
+        app.add_api_route("/ela/v1/debug/calls", debug_calls, methods=["GET"])
+        app.add_api_route("/ela/v1/debug/hooks", debug_hooks, methods=["GET"])
