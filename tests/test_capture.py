@@ -132,3 +132,48 @@ def test_truncated_pass_gives_the_full_pass_maps_and_latent_gradient(tiny_unet, 
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     assert results[1][1].abs().sum() > 0
     assert all(p.grad is None for p in tiny_unet.parameters())
+
+
+class LdmCrossAttention(nn.Module):
+    """Shaped like ldm's ``CrossAttention``: ``forward(x, context=None, mask=None)``, ``heads``,
+    ``scale``, ``to_q/k/v/out``; its probabilities are kept to check ours against."""
+
+    def __init__(self, dim=16, context_dim=8, heads=2):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim, bias=False), nn.Linear(context_dim, dim, bias=False), \
+            nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        self.probs = (split(q) @ split(k).transpose(-1, -2) * self.scale).softmax(-1)
+        out = (self.probs @ split(v)).transpose(1, 2).reshape(x.shape)
+        return self.to_out(out)
+
+
+def sdp_forward(self, x, context=None, mask=None, **kwargs):
+    """What a WebUI optimisation does: replace the class's forward, never materialising probs."""
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)),
+                                                           split(self.to_v(context)))
+    return self.to_out(out.transpose(1, 2).reshape(x.shape))
+
+
+def test_ldm_shaped_module_with_context_kwarg_and_replaced_forward(monkeypatch):
+    torch.manual_seed(0)
+    layer = LdmCrossAttention()
+    x, context = torch.randn(2, 12, 16), torch.randn(2, 5, 8)
+    with AttentionCapture([layer], (3, 4)) as capture:
+        plain = layer(x, context=context)
+    assert torch.allclose(capture.maps, layer.probs.mean(1).transpose(1, 2).reshape(2, 5, 3, 4), atol=1e-6)
+    monkeypatch.setattr(LdmCrossAttention, "forward", sdp_forward)
+    with torch.no_grad():
+        expected = layer(x, context=context)
+        with AttentionCapture([layer], (3, 4)) as capture:
+            optimised = layer(x, context=context, transformer_options={})  # Forge passes extra kwargs
+    assert torch.equal(expected, optimised)
+    assert torch.allclose(expected, plain, atol=1e-5)
+    assert torch.allclose(capture.maps, layer.probs.mean(1).transpose(1, 2).reshape(2, 5, 3, 4), atol=1e-6)
