@@ -3,12 +3,13 @@
 Two things cannot be read from an image: whether the sampler continued from the anchored latent
 (not just this call's UNet input), and whether any hook was left on an attention module. With the
 variable set, the denoiser wrapper records every call of the last ELA generation (the latent it
-got, the latent after anchoring, what the call returned) and ``/ela/v1/debug/*`` serve them and
-the hook counts. Without it nothing is recorded and the routes do not exist.
+got, the latent after anchoring, what the call returned) and ``/ela/v1/debug/*`` serve them, the
+per-step loss log and the hook counts. Without it nothing is recorded and the routes do not exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -16,8 +17,9 @@ import torch
 
 ENABLED = os.environ.get("ELA_DEBUG") == "1"
 
-# Calls of the current (or last) ELA generation, in order.
+# Calls and anchoring sessions of the current (or last) ELA generation, in order.
 calls: list[dict] = []
+sessions: list = []
 
 
 def _rows(tensor: torch.Tensor) -> list[list[float]]:
@@ -42,12 +44,14 @@ class CallRecord:
         self.entry["sigma"] = sigma
 
 
-def record_call(x: torch.Tensor) -> CallRecord:
-    return CallRecord(x)
-
-
 def start_generation() -> None:
     calls.clear()
+    sessions.clear()
+
+
+def step_logs() -> list[dict]:
+    """Every anchored step's losses (one per grad pass) and update count, session by session."""
+    return [dataclasses.asdict(log) for session in sessions for log in session.steps]
 
 
 def hook_counts(unet: torch.nn.Module) -> dict[str, int]:

@@ -51,7 +51,7 @@ def tokens(request: TokensRequest) -> dict:
 
 
 def debug_calls() -> dict:
-    return {"calls": debug.calls}
+    return {"calls": debug.calls, "steps": debug.step_logs()}
 
 
 def debug_hooks() -> dict:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from modules import prompt_parser
+from modules import prompt_parser, sd_samplers_timesteps_impl
 from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
 
 from ela_ext.anchoring import SamplerSpace, in_window
@@ -40,7 +40,7 @@ def first_evaluation_step(denoiser, sampler) -> Optional[int]:
     call = denoiser.step
     if denoiser.total_steps != denoiser.steps:
         return None if call % 2 else call // 2
-    if getattr(sampler, "funcname", None) == "plms":
+    if getattr(sampler, "func", None) is sd_samplers_timesteps_impl.plms:
         return None if call == 1 else max(call - 1, 0)
     return call
 
@@ -100,7 +100,7 @@ class AnchoredPass:
         self.denoiser.forward = self.forward
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        recorder = debug.record_call(x) if debug.ENABLED else None
+        recorder = debug.CallRecord(x) if debug.ENABLED else None
         step = first_evaluation_step(self.denoiser, self.p.sampler)
         if not self.stopped and step is not None and in_window(step, self.denoiser.steps, self.config):
             try:
@@ -164,6 +164,8 @@ class AnchoredPass:
         if key not in self.sessions:
             unet = self.p.sd_model.model.diffusion_model
             self.sessions[key] = AnchoringSession(unet, self.config, [resolved.columns for _, resolved in targets])
+            if debug.ENABLED:
+                debug.sessions.append(self.sessions[key])
         session = self.sessions[key]
         for row, (image, _) in enumerate(targets):
             self.image_sessions[image.index] = (session, row)

@@ -1,0 +1,197 @@
+"""Procedural scenes: 32x32 RGB images of one to three coloured shapes, with captions and ground truth.
+
+Shapes are drawn at 4x (128 px) with PIL and box-downsampled, so edges are anti-aliased the way a
+generated image's are. Colours are far apart in RGB so that an exact evaluator can segment by nearest
+palette colour. Some colour-shape and shape-shape pairings never occur in multi-object training
+captions (they occur alone, or not at all together); the benchmark's test prompts use exactly those,
+so a model has to compose objects it has never seen side by side - where SD-like bleeding shows.
+Everything is a function of an integer seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SCALE = 4
+BACKGROUND = (40, 40, 40)
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 210),
+    "white": (235, 235, 235),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "star")
+MIN_SIDE, MAX_SIDE = 10, 14
+GAP = 2  # minimum free pixels between two objects' boxes
+
+# Held out of every multi-object training caption (single-object captions keep the colour pairs, so the
+# model knows "a red circle" but never drew one beside another object).
+HELD_COLOUR_SHAPE = frozenset({("red", "circle"), ("blue", "square"), ("green", "triangle"),
+                               ("yellow", "cross"), ("purple", "star")})
+HELD_SHAPE_PAIRS = frozenset({frozenset({"circle", "square"}), frozenset({"triangle", "star"})})
+TEST_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "test_prompts.txt"
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    colour: str
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in output pixels, x1/y1 exclusive
+    mask: np.ndarray = field(repr=False)  # SIZE x SIZE bool, pixels where the shape covers >= half
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # SIZE x SIZE x 3 uint8
+    objects: list[SceneObject]
+    caption: str
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float]) -> None:
+    """Fill ``shape`` inscribed in ``box`` (x0, y0, x1, y1) with value 255."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cx, cy = x0 + w / 2, y0 + h / 2
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=255)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    elif shape == "cross":
+        tw, th = w * 0.34, h * 0.34
+        draw.rectangle([cx - tw / 2, y0, cx + tw / 2 - 1, y1 - 1], fill=255)
+        draw.rectangle([x0, cy - th / 2, x1 - 1, cy + th / 2 - 1], fill=255)
+    elif shape == "star":
+        points = []
+        for k in range(10):
+            radius = 0.5 if k % 2 == 0 else 0.22
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * w * math.cos(angle), cy + 0.06 * h + radius * h * math.sin(angle)))
+        draw.polygon(points, fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def shape_coverage(shape: str, bbox: tuple[int, int, int, int], size: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
+    """Fractional coverage (H x W float in [0, 1]) of ``shape`` drawn in ``bbox`` (output pixels)."""
+    h, w = size
+    canvas = Image.new("L", (w * SCALE, h * SCALE), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, tuple(v * SCALE for v in bbox))
+    return np.asarray(canvas.reduce(SCALE), dtype=np.float32) / 255.0
+
+
+def render(objects: list[tuple[str, str, tuple[int, int, int, int]]]) -> tuple[np.ndarray, list[SceneObject]]:
+    """Composite (shape, colour, bbox) objects on the background; returns the image and ground truth."""
+    image = np.empty((SIZE, SIZE, 3), np.float32)
+    image[:] = BACKGROUND
+    truth = []
+    for shape, colour, bbox in objects:
+        alpha = shape_coverage(shape, bbox)[..., None]
+        image = image * (1 - alpha) + np.asarray(PALETTE[colour], np.float32) * alpha
+        truth.append(SceneObject(shape, colour, bbox, alpha[..., 0] >= 0.5))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), truth
+
+
+def caption_for(pairs: list[tuple[str, str]], with_colours: bool) -> str:
+    """"a red circle" / "a circle and a square" / "a red circle and a blue square" / three with a comma."""
+    phrases = [f"a {c} {s}" if with_colours else f"a {s}" for s, c in pairs]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def is_held_out(pairs: list[tuple[str, str]]) -> bool:
+    """True if a multi-object scene uses a held-out colour-shape or shape-shape pairing."""
+    if len(pairs) < 2:
+        return False
+    if any((c, s) in HELD_COLOUR_SHAPE for s, c in pairs):
+        return True
+    return any(frozenset(p) in HELD_SHAPE_PAIRS for p in itertools.combinations([s for s, _ in pairs], 2))
+
+
+def _place(rng: random.Random, n: int) -> list[tuple[int, int, int, int]] | None:
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(n):
+        for _attempt in range(50):
+            side = rng.randint(MIN_SIDE, MAX_SIDE)
+            x0, y0 = rng.randint(1, SIZE - 1 - side), rng.randint(1, SIZE - 1 - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(box[0] >= b[2] + GAP or b[0] >= box[2] + GAP or box[1] >= b[3] + GAP or b[1] >= box[3] + GAP
+                   for b in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
+
+
+def layout(rng: random.Random, pairs: list[tuple[str, str]]) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+    """Random non-overlapping boxes for the given (shape, colour) pairs."""
+    while (boxes := _place(rng, len(pairs))) is None:
+        pass
+    return [(s, c, b) for (s, c), b in zip(pairs, boxes)]
+
+
+def training_scene(seed: int) -> Scene:
+    """One training example: 1 object (25%), 2 (60%) or 3 (15%), distinct shapes and colours, never a
+    held-out pairing; two-or-more-object captions name colours half of the time."""
+    rng = random.Random(seed)
+    n = rng.choices([1, 2, 3], weights=[25, 60, 15])[0]
+    while True:
+        pairs = list(zip(rng.sample(SHAPES, n), rng.sample(sorted(PALETTE), n)))
+        if not is_held_out(pairs):
+            break
+    with_colours = n == 1 or rng.random() < 0.5
+    image, truth = render(layout(rng, pairs))
+    return Scene(image, truth, caption_for(pairs, with_colours))
+
+
+def test_prompt_pairs(seed: int = 0, count: int = 48) -> list[list[tuple[str, str | None]]]:
+    """Held-out two-object prompts as [(shape, colour or None), ...]: every held-out shape pair without
+    colours (both orders), then coloured pairs that use a held-out pairing."""
+    rng = random.Random(seed)
+    prompts: list[list[tuple[str, str | None]]] = []
+    for pair in sorted(tuple(sorted(p)) for p in HELD_SHAPE_PAIRS):
+        prompts += [[(pair[0], None), (pair[1], None)], [(pair[1], None), (pair[0], None)]]
+    seen = set()
+    while len(prompts) < count:
+        pairs = list(zip(rng.sample(SHAPES, 2), rng.sample(sorted(PALETTE), 2)))
+        key = tuple(pairs)
+        if is_held_out(pairs) and key not in seen:
+            seen.add(key)
+            prompts.append([(s, c) for s, c in pairs])
+    return prompts
+
+
+def prompt_text(objects: list[tuple[str, str | None]]) -> str:
+    return caption_for([(s, c or "") for s, c in objects], all(c for _, c in objects))
+
+
+def parse_prompt(prompt: str) -> list[tuple[str, str | None]]:
+    """Inverse of ``prompt_text``: "a red circle and a square" -> [("circle", "red"), ("square", None)]."""
+    objects = []
+    for phrase in prompt.replace(" and ", ", ").split(", "):
+        words = phrase.split()
+        if words and words[0] == "a":
+            words = words[1:]
+        objects.append((words[-1], words[0] if len(words) == 2 else None))
+    return objects
+
+
+def write_test_prompts(path: Path = TEST_PROMPTS_PATH) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(prompt_text(p) for p in test_prompt_pairs()) + "\n")
+
+
+if __name__ == "__main__":
+    write_test_prompts()
+    print(f"wrote {TEST_PROMPTS_PATH}")

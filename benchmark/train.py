@@ -1,0 +1,188 @@
+"""Train the benchmark model on procedural scenes, on CPU, resumably.
+
+    OMP_NUM_THREADS=1 python -m benchmark.train --name NAME [--max-minutes M] [design options]
+    python -m benchmark.train --name NAME --export      # EMA weights -> benchmark/weights/
+
+The run lives in runs/NAME/: ``ckpt.pt`` (written atomically every --ckpt-minutes), ``train.log`` (mean
+loss every --log-every steps) and ``args.json``. Starting again with the same NAME resumes from the
+checkpoint with the arguments saved there; every batch (scenes, noise, timesteps, caption dropout) is a
+function of (seed, step), so an interrupted run continues the same data stream it would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from .clip_tokenizer import encode, load_tokenizer
+from .model import SCHEDULER_CONFIG, ModelConfig, build_model, encode_images
+from .scenes import training_scene
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--text-lr-scale", type=float, default=0.0,
+                   help="text encoder learning rate as a fraction of --lr; 0 freezes it (the learned "
+                        "EOS column still trains at --lr)")
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--text-layers", type=int, default=1)
+    p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument("--no-blank-eos", action="store_true", help="keep the EOS/padding columns informative")
+    p.add_argument("--unet-heads", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--max-minutes", type=float, default=10**9, help="stop (with a checkpoint) after this")
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--export", action="store_true", help="export the run's EMA weights and exit")
+    p.add_argument("--export-name", default="model", help="file stem under benchmark/weights/")
+    return p.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(text_layers=args.text_layers, text_heads=args.text_heads,
+                       blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads)
+
+
+def make_batch(args, step: int, tokenizer, cache: dict):
+    """(latents, token ids, noise, timesteps) of ``step``: a pure function of (seed, step)."""
+    base = (args.seed * 1_000_003 + step) * args.batch
+    scenes = [training_scene(base + i) for i in range(args.batch)]
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    drop = torch.rand(args.batch, generator=gen) < args.cfg_dropout
+    captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
+    for c in set(captions) - cache.keys():
+        cache[c] = encode(tokenizer, [c])[0]
+    ids = torch.stack([cache[c] for c in captions])
+    latents = encode_images(np.stack([s.image for s in scenes]))
+    noise = torch.randn(latents.shape, generator=gen)
+    timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (args.batch,), generator=gen)
+    return latents, ids, noise, timesteps
+
+
+def ema_update(ema: dict, model_state: dict, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in model_state.items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def full_state(unet, text_encoder) -> dict:
+    return {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
+
+
+def export(run_dir: Path, stem: str) -> Path:
+    """Write the EMA weights in fp16 safetensors plus a JSON with config, command and step."""
+    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = WEIGHTS_DIR / f"{stem}.safetensors"
+    save_file({k: v.half().contiguous() for k, v in ckpt["ema"].items()}, str(out))
+    args = ckpt["args"]
+    out.with_suffix(".json").write_text(json.dumps({
+        "model_config": ckpt["model_config"], "scheduler_config": SCHEDULER_CONFIG,
+        "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
+        "train_args": args, "command": ckpt["command"],
+        "export_command": f"python -m benchmark.train --name {args['name']} --export --export-name {stem}",
+    }, indent=1) + "\n")
+    return out
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    run_dir = ROOT / "runs" / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if ckpt is not None:  # the saved design wins; only the stopping limits come from this command
+        limits = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
+        args = argparse.Namespace(**{**ckpt["args"], **limits})
+    config = model_config(args)
+    unet, text_encoder = build_model(config, seed=args.seed)
+    text_params = [p for n, p in text_encoder.named_parameters() if n != "eos_column"]
+    if args.text_lr_scale == 0:
+        for p in text_params:
+            p.requires_grad_(False)
+    groups = [{"params": list(unet.parameters()) + [text_encoder.eos_column], "lr": args.lr}]
+    if args.text_lr_scale > 0:
+        groups.append({"params": text_params, "lr": args.lr * args.text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    step, command = 0, " ".join(["python -m benchmark.train"] + sys.argv[1:])
+    ema = {k: v.detach().clone() for k, v in full_state(unet, text_encoder).items()}
+    if ckpt is not None:
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        ema, step, command = ckpt["ema"], ckpt["step"], ckpt["command"]
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+    tokenizer, cache = load_tokenizer(), {}
+    log = open(run_dir / "train.log", "a")
+    log.write(f"# {'resume' if ckpt else 'start'} at step {step}: {command}\n")
+    log.flush()
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(), "ema": ema, "step": step, "args": vars(args),
+                    "model_config": asdict(config), "command": command}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    start = last_save = time.time()
+    losses: list[float] = []
+    unet.train()
+    while step < args.max_steps and time.time() - start < args.max_minutes * 60:
+        latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        context = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        step += 1
+        # warm-up form of the decay, so early exports are not dominated by the random init
+        ema_update(ema, full_state(unet, text_encoder), min(args.ema, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if step % args.log_every == 0:
+            log.write(f"step {step} loss {np.mean(losses):.4f} elapsed {time.time() - start:.0f}s\n")
+            log.flush()
+            losses = []
+        if time.time() - last_save > args.ckpt_minutes * 60:
+            save()
+            last_save = time.time()
+    save()
+    log.write(f"# stopped at step {step}\n")
+    log.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.export:
+        print(export(ROOT / "runs" / args.name, args.export_name))
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

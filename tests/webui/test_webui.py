@@ -1,0 +1,216 @@
+"""The extension inside the real WebUI, through its HTTP API (see conftest.py for the host).
+
+The tiny host model draws noise, so these check mechanics, not pictures: off changes nothing, on
+anchors with a falling loss in every sampler family, the sampler continues from the written
+latent, no hook outlives a generation, bad input degrades to "as if off", files and infotext.
+"""
+
+from __future__ import annotations
+
+import io
+import numpy as np
+import pytest
+from PIL import Image
+
+from ela_ext.config import ElaConfig
+
+from webui_host import BASELINE_PAYLOADS, SCRIPT_TITLE, decode_png, txt2img_payload
+
+SAMPLERS = ["Euler a", "DPM++ 2M", "Heun", "DDIM", "PLMS", "UniPC"]
+SPEC = "black cat | green frog"
+# 128 px: the tiny model's lowest up level is then 4x4, enough pixels for two entity masks.
+SIZE = {"width": 128, "height": 128}
+
+
+def ela_args(**changes) -> dict:
+    """``alwayson_scripts`` for ELA on; the window covers half of the 6 steps (3 anchored)."""
+    config = ElaConfig(**{"enabled": True, "entities": SPEC, "window_end": 0.5, **changes})
+    return {"alwayson_scripts": {SCRIPT_TITLE: {"args": config.as_args()}}}
+
+
+def pixels(image_b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(decode_png(image_b64))))
+
+
+def infotext(result: dict, index: int = 0) -> str:
+    return result["info"]["infotexts"][index]
+
+
+def test_script_is_always_on_with_args_in_config_order(host):
+    scripts = {script["name"]: script for script in host.get("/sdapi/v1/script-info")
+               if script["name"] == SCRIPT_TITLE.lower()}
+    assert len(scripts) == 1 and scripts[SCRIPT_TITLE.lower()]["is_alwayson"]
+    args = scripts[SCRIPT_TITLE.lower()]["args"]
+    assert [arg["value"] for arg in args] == ElaConfig().as_args()
+
+
+@pytest.mark.parametrize("sampler", list(BASELINE_PAYLOADS))
+def test_off_is_byte_identical_to_no_extension(host, absent_images, sampler):
+    payload = BASELINE_PAYLOADS[sampler]
+    no_entry = host.txt2img(**payload)
+    disabled = host.txt2img(**payload, alwayson_scripts={SCRIPT_TITLE: {"args": [False, SPEC]}})
+    assert disabled["images"] == no_entry["images"]
+    assert "ELA" not in infotext(no_entry) and "ELA" not in infotext(disabled)
+    if absent_images is None:
+        pytest.skip("the checkout was linked before the tests started: no extension-free baseline")
+    assert no_entry["images"][0] == absent_images[sampler]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_on_changes_the_image_and_the_loss_falls(host, sampler):
+    payload = txt2img_payload(sampler, **SIZE)
+    hooks_before = host.get("/ela/v1/debug/hooks")["hooks"]
+    off = host.txt2img(**payload)
+    on = host.txt2img(**payload, **ela_args())
+    assert host.get("/ela/v1/debug/hooks")["hooks"] == hooks_before
+    assert pixels(on["images"][0]).tolist() != pixels(off["images"][0]).tolist()
+    assert f"ELA: entities={SPEC};" in infotext(on)
+    debug = host.get("/ela/v1/debug/calls")
+    steps = debug["steps"]
+    assert [log["step"] for log in steps] == [0, 1, 2], steps
+    for log in steps:
+        assert log["updates"] >= 1 and log["losses"][-1] < log["losses"][0], log
+    anchored_calls = [call for call in debug["calls"] if call["x_anchored"] is not None]
+    assert len(anchored_calls) == 3 and all(call["step"] is not None for call in anchored_calls)
+
+
+def _relative_residual(target: np.ndarray, regressors: list[np.ndarray]) -> float:
+    """How far ``target`` is from the best linear combination of ``regressors`` (per image row)."""
+    design = np.stack(regressors, axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, target, rcond=None)
+    return float(np.linalg.norm(design @ coefficients - target) / np.linalg.norm(target))
+
+
+@pytest.mark.parametrize("sampler, history", [("Euler", 0), ("DDIM", 0), ("DPM++ 2M", 1)])
+def test_sampler_continues_from_the_anchored_latent(host, sampler, history):
+    """The sampler's next latent is an affine function of its current latent and this call's (and,
+    for a multistep sampler, the last call's) output. It must fit the ANCHORED latent, not the one
+    the sampler passed in: that shows the write reached the sampler's own state, not only the UNet."""
+    host.txt2img(**txt2img_payload(sampler, **SIZE), **ela_args())
+    calls = host.get("/ela/v1/debug/calls")["calls"]
+    checked = 0
+    for k, call in enumerate(calls[:-1]):
+        if call["x_anchored"] is None or k < history:
+            continue
+        outputs = [np.asarray(calls[k - h]["output"][0]) for h in range(history + 1)]
+        following = np.asarray(calls[k + 1]["x_in"][0])
+        anchored = np.asarray(call["x_anchored"][0])
+        passed_in = np.asarray(call["x_in"][0])
+        assert _relative_residual(following, [anchored, *outputs]) < 1e-4
+        assert _relative_residual(following, [passed_in, *outputs]) > 1e-3
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("prompt, args, warning", [
+    ("a black cat and a green frog", ela_args(entities="dog | cat"), "not found in the prompt: 'dog'"),
+    ("a black cat and a green frog", ela_args(entities="cat"), "needs at least two entities"),
+    ("a black cat and a green frog", ela_args(entities="cat | | frog"), "is empty"),
+    ("a black cat and a green frog", {"alwayson_scripts": {SCRIPT_TITLE: {"args": [True, SPEC, 5.0]}}},
+     "lambda_weight must be in"),
+    ("a black cat AND a green frog", ela_args(), "not found in the prompt: 'green', 'frog'"),
+])
+def test_bad_input_generates_as_if_off_and_leaves_no_hook(host, prompt, args, warning):
+    payload = txt2img_payload("Euler a", prompt=prompt, **SIZE)
+    hooks_before = host.get("/ela/v1/debug/hooks")["hooks"]
+    off = host.txt2img(**payload)
+    failed = host.txt2img(**payload, **args)
+    assert host.get("/ela/v1/debug/hooks")["hooks"] == hooks_before
+    assert warning in infotext(failed)
+    assert pixels(failed["images"][0]).tolist() == pixels(off["images"][0]).tolist()
+    assert host.txt2img(**payload)["images"] == off["images"]
+
+
+def test_and_prompt_anchors_the_first_sub_prompt(host):
+    result = host.txt2img(**txt2img_payload("Euler a", prompt="a black cat and a green frog AND a forest", **SIZE),
+                          **ela_args())
+    assert "AND prompt: entities are anchored in the first sub-prompt only" in infotext(result)
+    assert host.get("/ela/v1/debug/calls")["steps"]
+
+
+def test_batch_hires_and_img2img_anchor_every_image(host):
+    batch = host.txt2img(**txt2img_payload("Euler a", batch_size=2, n_iter=2, **SIZE), **ela_args())
+    assert len(batch["images"]) == 4
+    assert all("ELA log: steps=3;" in text for text in batch["info"]["infotexts"])
+    hires = host.txt2img(**txt2img_payload("DPM++ 2M", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                                           denoising_strength=0.6, **SIZE), **ela_args())
+    assert "ELA log: steps=3;" in infotext(hires)
+    img2img = host.post("/sdapi/v1/img2img", {**txt2img_payload("Euler a", **SIZE), "init_images": batch["images"][:1],
+                                              "denoising_strength": 0.8, **ela_args()})
+    assert "ELA log: steps=" in img2img["info"]
+
+
+@pytest.fixture
+def output_folder(host, tmp_path):
+    """txt2img saves into tmp_path; the test host's settings file is its own, so this changes
+    nothing of the prepared WebUI. (override_settings cannot do it: the API fixes the folder first.)"""
+    previous = host.get("/sdapi/v1/options")["outdir_txt2img_samples"]
+    host.post("/sdapi/v1/options", {"outdir_txt2img_samples": str(tmp_path)})
+    yield tmp_path
+    host.post("/sdapi/v1/options", {"outdir_txt2img_samples": previous})
+
+
+@pytest.mark.parametrize("save_images, save_masks", [(True, True), (True, False), (False, True)])
+def test_mask_grids_are_saved_and_returned_when_asked(host, output_folder, save_images, save_masks):
+    result = host.txt2img(**txt2img_payload("Euler a", save_images=save_images, **SIZE),
+                          **ela_args(save_masks=save_masks))
+    assert len(list(output_folder.rglob("*-ela-masks.*"))) == (1 if save_images and save_masks else 0)
+    assert len(list(output_folder.rglob("*.png"))) == (1 + save_masks if save_images else 0)
+    assert len(result["images"]) == (2 if save_masks else 1)
+    if save_masks:
+        grid = Image.open(io.BytesIO(decode_png(result["images"][1])))
+        assert grid.width > 128 and grid.height > 20
+
+
+def test_infotext_round_trip_through_png_info(host):
+    config = ElaConfig(enabled=True, entities=SPEC, lambda_weight=0.4, window_end=0.5, max_iterations=3,
+                       step_size=0.2, binarization="mean")
+    result = host.txt2img(**txt2img_payload("Euler a", **SIZE),
+                          alwayson_scripts={SCRIPT_TITLE: {"args": config.as_args()}})
+    png_info = host.png_info(result["images"][0])
+    parameters = png_info["parameters"]
+    assert ElaConfig.from_infotext(parameters["ELA"]) == config
+    assert parameters["ELA log"].startswith("steps=3;")
+    # The API's "infotext" goes through the script's infotext_fields, as PNG Info's paste does.
+    pasted = host.txt2img(**txt2img_payload("Euler a", **SIZE), infotext=png_info["info"])
+    assert pasted["images"] == result["images"]
+
+
+PLAIN_COLUMNS = {"cat": [3], "frog": [7]}
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a black cat and a green frog", PLAIN_COLUMNS),
+    ("a (black:1.3) cat and a [green] frog", PLAIN_COLUMNS),
+    ("a ((black cat)) and a green frog", PLAIN_COLUMNS),
+    ("a black cat <lora:some_lora:0.8> and a green frog", PLAIN_COLUMNS),
+    ("a black cat BREAK a green frog", {"cat": [3], "frog": [77 + 3]}),
+])
+def test_token_route_columns(host, prompt, expected):
+    answer = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": SPEC})
+    assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == expected
+    assert answer["warnings"] == []
+    texts = {token["column"]: token["text"] for token in answer["tokens"]}
+    assert all(texts[column] == word for word, columns in expected.items() for column in columns)
+
+
+def test_token_route_long_prompt_and_multi_token_word(host):
+    prompt = "a black cat, " + "very " * 80 + "detailed, a green quetzalcoatl"
+    answer = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": "black cat | green quetzalcoatl"})
+    assert answer["sot_columns"] == [0, 77]
+    columns = {entity["word"]: entity["columns"] for entity in answer["entities"]}
+    assert columns["cat"] == [3]
+    assert len(columns["quetzalcoatl"]) > 1 and min(columns["quetzalcoatl"]) > 77
+    pieces = {token["column"]: token for token in answer["tokens"]}
+    assert "".join(pieces[c]["text"] for c in columns["quetzalcoatl"]) == "quetzalcoatl"
+    assert {pieces[c]["word"] for c in columns["quetzalcoatl"]} == {"quetzalcoatl"}
+
+
+def test_token_route_detects_and_rejects(host):
+    detected = host.post("/ela/v1/tokens", {"prompt": "a black cat and a green frog", "entities": ""})
+    assert detected["spec"] == SPEC
+    single = host.post("/ela/v1/tokens", {"prompt": "a black cat", "entities": "cat"})
+    assert single["warnings"] and "two entities" in single["warnings"][0]
+    for bad_spec, reason in [("dog | cat", "dog"), ("cat | | frog", "empty")]:
+        status, payload = host.request("POST", "/ela/v1/tokens", {"prompt": "a black cat and a frog", "entities": bad_spec})
+        assert status == 422 and reason in payload["detail"]
