@@ -92,11 +92,11 @@ def full_state(unet, text_encoder) -> dict:
             **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
 
 
-def export(run_dir: Path, stem: str) -> Path:
+def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     """Write the EMA weights in fp16 safetensors plus a JSON with config, command and step."""
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
-    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = WEIGHTS_DIR / f"{stem}.safetensors"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{stem}.safetensors"
     save_file({k: v.half().contiguous() for k, v in ckpt["ema"].items()}, str(out))
     args = ckpt["args"]
     out.with_suffix(".json").write_text(json.dumps({

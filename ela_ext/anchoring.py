@@ -64,6 +64,13 @@ class SamplerSpace:
         return z_t / self.c_in
 
 
+def unanchorable_reason(target: EntityColumns) -> Optional[str]:
+    """Why ``target`` cannot be anchored, or None: ELA's masks come from entities dominating
+    each other (Sec. 3.2), so it needs at least two entities."""
+    count = len(target.entities)
+    return None if count >= 2 else f"ELA needs at least two entities, found {count}"
+
+
 def in_window(step_index: int, total_steps: int, config: ElaConfig) -> bool:
     """Whether sampling step ``step_index`` (0-based) of ``total_steps`` is anchored."""
     if total_steps <= 0:

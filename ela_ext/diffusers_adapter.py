@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .anchoring import SamplerSpace
+from .anchoring import SamplerSpace, unanchorable_reason
 from .config import ElaConfig
-from .entities import detect_entities, parse_spec
+from .entities import EntitySpecError, detect_entities, parse_spec
 from .session import AnchoringSession
 from .tokens import EntityColumns, chunks_from_ids, resolve_entities
 
@@ -33,15 +33,19 @@ class SampleResult:
 
 
 def prompt_targets(tokenizer: Any, prompts: Sequence[str], specs: Sequence[str]) -> list[EntityColumns]:
-    """Each prompt's entity columns; an empty spec means detect from the prompt."""
+    """Each prompt's entity columns; an empty spec means detect from the prompt. Raises
+    EntitySpecError (naming the word or the prompt) where a prompt cannot be anchored."""
     targets = []
     for prompt, spec in zip(prompts, specs):
         phrases = parse_spec(spec) if spec.strip() else detect_entities(prompt)
         ids = tokenizer(prompt, padding="max_length", max_length=CHUNK, truncation=True).input_ids
-        targets.append(resolve_entities(
-            phrases, chunks_from_ids(ids),
-            lambda word: tokenizer(word, add_special_tokens=False).input_ids,
-            pad_ids=(tokenizer.pad_token_id, tokenizer.eos_token_id)))
+        target = resolve_entities(phrases, chunks_from_ids(ids),
+                                  lambda word: tokenizer(word, add_special_tokens=False).input_ids,
+                                  pad_ids=(tokenizer.pad_token_id, tokenizer.eos_token_id))
+        reason = unanchorable_reason(target)
+        if reason:
+            raise EntitySpecError(f"{reason} in {prompt!r}")
+        targets.append(target)
     return targets
 
 

@@ -11,6 +11,7 @@ been with ELA off from that step on.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -44,6 +45,7 @@ class AnchoringSession:
         self.steps: list[StepLog] = []
         self.warnings: list[str] = []
         self.failed = False
+        self._fallbacks: Counter[tuple[int, str]] = Counter()
         self._first: Optional[AnchorResult] = None
         self._last: Optional[AnchorResult] = None
 
@@ -72,30 +74,31 @@ class AnchoringSession:
             return latent
         self.steps.append(StepLog(step_index, result.losses, result.updates))
         for row, localization in enumerate(result.localizations):
-            for fallback in localization.fallbacks:
-                self.warn(f"image {row + 1}, step {step_index + 1}: {fallback}")
+            self._fallbacks.update((row, fallback) for fallback in localization.fallbacks)
         self._first = self._first or result
         self._last = result
         return result.latent
-
-    @property
-    def first_loss(self) -> Optional[float]:
-        return self.steps[0].losses[0] if self.steps and self.steps[0].losses else None
-
-    @property
-    def last_loss(self) -> Optional[float]:
-        return self.steps[-1].losses[-1] if self.steps and self.steps[-1].losses else None
 
     def log_lines(self) -> list[str]:
         return [f"step {log.step + 1}: loss " + " -> ".join(f"{loss:.4f}" for loss in log.losses)
                 + f" ({log.updates} updates)" for log in self.steps]
 
+    def warnings_for(self, row: int) -> list[str]:
+        """Failures, then image ``row``'s mask fallbacks with how many anchored steps took them."""
+        fallbacks = [f"{message} at {count} of {len(self.steps)} anchored steps"
+                     for (fallback_row, message), count in self._fallbacks.items() if fallback_row == row]
+        return self.warnings + fallbacks
+
     def infotext_summary(self) -> str:
-        """``steps=..;updates=..;loss=first->last`` for the infotext (no ``,`` or ``:``)."""
+        """``steps=..;updates=..;first=a->b;last=c->d``: the loss at the first and last grad pass
+        of the first and of the last anchored step (within a step it falls; across steps the
+        latent is noisier or cleaner, so those are not comparable). No ``,`` or ``:``."""
         if not self.steps:
             return "steps=0"
         updates = sum(log.updates for log in self.steps)
-        return f"steps={len(self.steps)};updates={updates};loss={self.first_loss:.4f}->{self.last_loss:.4f}"
+        first, last = self.steps[0].losses, self.steps[-1].losses
+        return (f"steps={len(self.steps)};updates={updates};"
+                f"first={first[0]:.4f}->{first[-1]:.4f};last={last[0]:.4f}->{last[-1]:.4f}")
 
     def mask_grid(self, row: int) -> Optional[Image.Image]:
         """Image ``row``'s grid, or None if no step was anchored."""

@@ -86,7 +86,7 @@ class ElaRun:
 
     def warnings_infotext(self, index: int = 0, **_) -> Optional[str]:
         found = self._session(index)
-        messages = self.warnings.get(index, []) + (found[0].warnings if found else [])
+        messages = self.warnings.get(index, []) + (found[0].warnings_for(found[1]) if found else [])
         return "; ".join(dict.fromkeys(messages)) or None
 
     def mask_grid(self, index: int) -> Optional[Image.Image]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from modules import extra_networks, prompt_parser, shared
 
+from ela_ext.anchoring import unanchorable_reason
 from ela_ext.entities import EntityPhrase, detect_entities, parse_spec
 from ela_ext.tokens import EntityColumns, resolve_entities, token_table
 
@@ -76,9 +77,8 @@ class Resolved:
 
     @property
     def problem(self) -> str | None:
-        """Why this text cannot be anchored, or None: ELA separates entities, so it needs two."""
-        count = len(self.columns.entities)
-        return None if count >= 2 else f"ELA needs at least two entities, found {count}"
+        """Why this text cannot be anchored, or None."""
+        return unanchorable_reason(self.columns)
 
 
 def resolve(phrases: list[EntityPhrase], text: str, encoder=None) -> Resolved:

@@ -98,7 +98,7 @@ def test_session_window_log_and_failure_leave_no_hooks(tiny_unet, context):
     assert hook_counts(tiny_unet) == before
     assert [torch.equal(out, latent) for out in outputs] == [False, False, True, True]
     assert len(session.steps) == 2 and session.log_lines()[0].startswith("step 1: loss ")
-    assert session.infotext_summary().startswith("steps=2;updates=4;loss=")
+    assert session.infotext_summary().startswith("steps=2;updates=4;first=")
     grid = session.mask_grid(0)
     assert grid.size[0] > 3 * 128 and grid.size[1] > 3 * 128  # cat, black (cat), frog
 

@@ -67,3 +67,10 @@ def test_scheduler_kinds_map_to_sampler_spaces():
     assert sampler_space(ddim, 0, ddim.timesteps[0]).kind == "timestep"
     # both describe the same noise level at the same timestep
     assert sampler_space(ddim, 0, euler.timesteps[0]).sigma == pytest.approx(float(euler.sigmas[0]), rel=1e-3)
+
+
+def test_a_single_entity_is_refused_before_sampling(tiny_unet, text_encoder, clip_tokenizer):
+    from ela_ext.entities import EntitySpecError
+
+    with pytest.raises(EntitySpecError, match="at least two entities"):
+        run(tiny_unet, text_encoder, clip_tokenizer, "ddim", ElaConfig(enabled=True), spec="black cat")

@@ -1,0 +1,167 @@
+"""Gate: does each entity word's cross-attention land on its own object?
+
+ELA can only steer a model whose entity tokens attend to their own objects. This samples two-object
+prompts, records the cross-attention maps of the lowest-resolution up-block with cross-attention (the
+layers ELA anchors on) at one step mid-sampling, segments the FINAL image with the exact evaluator, and
+reports per entity word the ratio (attention mass on its own object's mask) / (mass on the other
+object's mask), over images where both objects were found as separate components. It also reports the
+plain sampler's failure rates.
+
+    OMP_NUM_THREADS=1 python -m benchmark.localization --run NAME      # EMA of runs/NAME/ckpt.pt
+    OMP_NUM_THREADS=1 python -m benchmark.localization --weights benchmark/weights/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .evaluate import MISSING, evaluate
+from .model import load_model
+from .sampling import sample
+from .scenes import prompt_text, test_prompt_pairs, training_scene
+from .train import ROOT, export
+
+
+def anchor_layers(unet) -> list[torch.nn.Module]:
+    """attn2 modules of the first up-block (execution order = lowest resolution) that has any."""
+    for block in unet.up_blocks:
+        layers = [m for n, m in block.named_modules() if n.endswith("attn2")]
+        if layers:
+            return layers
+    raise ValueError("no up-block with cross-attention")
+
+
+class AttentionRecorder:
+    """Forward pre-hooks that recompute softmax(q k^T * scale) in fp32, head-averaged, when armed."""
+
+    def __init__(self, layers):
+        self.armed, self.maps = False, []
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in layers]
+
+    def _hook(self, module, args, kwargs):
+        if not self.armed:
+            return
+        x = args[0] if args else kwargs["hidden_states"]
+        ctx = kwargs.get("encoder_hidden_states")
+        q, k = module.to_q(x).float(), module.to_k(ctx).float()
+        b, n, _ = q.shape
+        q = q.view(b, n, module.heads, -1).transpose(1, 2)
+        k = k.view(b, k.shape[1], module.heads, -1).transpose(1, 2)
+        self.maps.append((q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1))  # (B, HW, 77)
+
+    def take(self) -> torch.Tensor:
+        """Mean over recorded layers, (B, HW, 77); clears the record."""
+        out = torch.stack(self.maps).mean(0)
+        self.maps = []
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def word_column(tokenizer, prompt: str, word: str) -> int:
+    ids = tokenizer(prompt)["input_ids"]
+    return ids.index(tokenizer(word)["input_ids"][1])
+
+
+def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, seed=0, steps=20,
+            guidance=5.0, at=0.4, batch=32) -> dict:
+    recorder = AttentionRecorder(anchor_layers(unet))
+    capture_step = int(at * steps)
+    ratios, wins, status, images_ok = {"shape": [], "colour": []}, {"shape": [], "colour": []}, Counter(), 0
+    n_images = 0
+    try:
+        for start in range(0, len(prompts_objects), batch):
+            chunk = prompts_objects[start:start + batch]
+            prompts = [prompt_text(p) for p in chunk]
+            captured = {}
+
+            def on_step(i, _t):
+                recorder.armed = i == capture_step
+                if i == capture_step + 1:
+                    captured["maps"] = recorder.take()
+
+            images = sample(unet, text_encoder, tokenizer, scheduler_config, prompts, seed=seed + start,
+                            steps=steps, guidance=guidance, on_step=on_step)
+            maps = captured["maps"][len(chunk):]  # conditional half
+            side = int(round(maps.shape[1] ** 0.5))
+            for objects, prompt, image, amap in zip(chunk, prompts, images, maps):
+                n_images += 1
+                report = evaluate(image, objects)
+                status.update(report.status)
+                images_ok += report.all_ok
+                if MISSING in report.status or (report.masks[0] & report.masks[1]).any():
+                    continue
+                pooled = [F.adaptive_avg_pool2d(torch.from_numpy(m).float()[None, None], side).flatten()
+                          for m in report.masks]
+                for kind, words in (("shape", [o[0] for o in objects]), ("colour", [o[1] for o in objects])):
+                    if None in words:
+                        continue
+                    for j, word in enumerate(words):
+                        column = amap[:, word_column(tokenizer, prompt, word)]
+                        own, other = float(column @ pooled[j]), float(column @ pooled[1 - j])
+                        ratios[kind].append(own / max(other, 1e-12))
+                        wins[kind].append(own > other)
+    finally:
+        recorder.remove()
+    summary = {"images": n_images, "all_ok_rate": images_ok / n_images,
+               "object_status": {k: v / (2 * n_images) for k, v in sorted(status.items())}}
+    for kind in ratios:
+        r = np.asarray(ratios[kind])
+        if len(r):
+            summary[f"{kind}_ratio"] = {"n": len(r), "mean": float(r.mean()), "median": float(np.median(r)),
+                                        "geo_mean": float(np.exp(np.log(np.clip(r, 1e-6, None)).mean())),
+                                        "own_gt_other": float(np.mean(wins[kind]))}
+    return summary
+
+
+def gate_prompts(kind: str, n: int, seed: int = 0) -> list[list[tuple[str, str | None]]]:
+    """``test``: the held-out prompts, cycled; ``train``: two-object training-distribution captions."""
+    if kind == "test":
+        pool = test_prompt_pairs()
+        return [pool[i % len(pool)] for i in range(n)]
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        scene = training_scene(rng.randrange(10**9))
+        if len(scene.objects) == 2:
+            named = " and a " in scene.caption and len(scene.caption.split()) == 7
+            out.append([(o.shape, o.colour if named else None) for o in scene.objects])
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run")
+    p.add_argument("--weights")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--prompts", choices=["test", "train"], default="test")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--at", type=float, default=0.4, help="fraction of the steps at which maps are taken")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.run:
+        run_dir = ROOT / "runs" / args.run
+        weights = export(run_dir, "ema", out_dir=run_dir / "export")
+    else:
+        weights = Path(args.weights)
+    unet, text_encoder, tokenizer, scheduler_config = load_model(weights)
+    summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
+                      seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at)
+    summary["step"] = json.loads(weights.with_suffix(".json").read_text())["step"]
+    summary["prompts"] = args.prompts
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
