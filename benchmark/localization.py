@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import MISSING, evaluate
+from .evaluate import MERGED, MISSING, evaluate
 from .model import load_model
 from .sampling import sample
 from .scenes import prompt_text, test_prompt_pairs, training_scene
@@ -77,7 +77,9 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
             guidance=5.0, at=0.4, batch=32) -> dict:
     recorder = AttentionRecorder(anchor_layers(unet))
     capture_step = int(at * steps)
-    ratios, wins, status, images_ok = {"shape": [], "colour": []}, {"shape": [], "colour": []}, Counter(), 0
+    ratios = {"shape": [], "colour": []}
+    masses = {"shape": [], "colour": []}  # (own, other) pairs
+    status, images_ok = Counter(), 0
     n_images = 0
     try:
         for start in range(0, len(prompts_objects), batch):
@@ -99,8 +101,8 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                 report = evaluate(image, objects)
                 status.update(report.status)
                 images_ok += report.all_ok
-                if MISSING in report.status or (report.masks[0] & report.masks[1]).any():
-                    continue
+                if any(st in (MISSING, MERGED) for st in report.status):
+                    continue  # the ratio is defined where the two objects are separate components
                 pooled = [F.adaptive_avg_pool2d(torch.from_numpy(m).float()[None, None], side).flatten()
                           for m in report.masks]
                 for kind, words in (("shape", [o[0] for o in objects]), ("colour", [o[1] for o in objects])):
@@ -110,17 +112,18 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                         column = amap[:, word_column(tokenizer, prompt, word)]
                         own, other = float(column @ pooled[j]), float(column @ pooled[1 - j])
                         ratios[kind].append(own / max(other, 1e-12))
-                        wins[kind].append(own > other)
+                        masses[kind].append((own, other))
     finally:
         recorder.remove()
     summary = {"images": n_images, "all_ok_rate": images_ok / n_images,
                "object_status": {k: v / (2 * n_images) for k, v in sorted(status.items())}}
     for kind in ratios:
-        r = np.asarray(ratios[kind])
+        r, m = np.asarray(ratios[kind]), np.asarray(masses[kind])
         if len(r):
-            summary[f"{kind}_ratio"] = {"n": len(r), "mean": float(r.mean()), "median": float(np.median(r)),
-                                        "geo_mean": float(np.exp(np.log(np.clip(r, 1e-6, None)).mean())),
-                                        "own_gt_other": float(np.mean(wins[kind]))}
+            summary[f"{kind}_ratio"] = {
+                "n": len(r), "mean": float(r.mean()), "median": float(np.median(r)),
+                "geo_mean": float(np.exp(np.log(np.clip(r, 1e-6, None)).mean())),
+                "pooled": float(m[:, 0].sum() / m[:, 1].sum()), "own_gt_other": float(np.mean(m[:, 0] > m[:, 1]))}
     return summary
 
 

@@ -21,3 +21,15 @@ def tiny_unet():
 def context():
     generator = torch.Generator().manual_seed(1)
     return torch.randn(1, 77, CONTEXT_DIM, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    """transformers' CLIPTokenizer with the real CLIP BPE vocabulary, written offline from the
+    copy open_clip ships (benchmark.clip_tokenizer)."""
+    from benchmark.clip_tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tmp_path_factory.mktemp("clip-bpe"))
+    except RuntimeError as error:
+        pytest.skip(str(error))

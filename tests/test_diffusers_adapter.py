@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from clip_bpe import clip_tokenizer  # noqa: F401  (fixture)
 from benchmark.tiny_unet import CONTEXT_DIM
 from ela_ext.config import ElaConfig, replace
 from ela_ext.diffusers_adapter import sample, sampler_space

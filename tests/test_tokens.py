@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from a1111_chunks import tokenize_line
-from clip_bpe import clip_tokenizer  # noqa: F401  (session fixture)
 from ela_ext.entities import EntityPhrase, EntitySpecError, parse_spec
 from ela_ext.tokens import (EOS_ID, EntityColumns, EntityNotInPromptError, chunks_from_ids,
                             resolve_entities, token_table)
