@@ -113,10 +113,14 @@ def describe(mask: np.ndarray, colour_index: np.ndarray) -> Component:
                      best if ious[best] >= SHAPE_IOU_MIN else None)
 
 
-def _agreement(obj: tuple[str, str | None], comp: Component) -> tuple[int, float]:
+def _agreement(obj: tuple[str, str | None], comp: Component) -> tuple[int, int, float]:
+    """(attributes that agree, whether the shape does, soft tie-break): the shape word is the entity,
+    so between equally good matchings the one that keeps shapes right wins (a blue circle for "a red
+    circle" is the circle with the wrong colour, not the square)."""
     shape, colour = obj
-    score = int(comp.shape == shape) + int(colour is None or comp.colour == colour)
-    return score, comp.shape_ious[shape] + (comp.colour_fractions.get(colour, 0.0) if colour else 0.0)
+    shape_ok = int(comp.shape == shape)
+    score = shape_ok + int(colour is None or comp.colour == colour)
+    return score, shape_ok, comp.shape_ious[shape] + (comp.colour_fractions.get(colour, 0.0) if colour else 0.0)
 
 
 def evaluate(image: np.ndarray, prompt_objects: list[tuple[str, str | None]]) -> Report:
@@ -131,18 +135,18 @@ def evaluate(image: np.ndarray, prompt_objects: list[tuple[str, str | None]]) ->
         comp.merged = big or (len(prompt_objects) > 1 and two_colours)
     whole = [i for i, c in enumerate(comps) if not c.merged]
     n = len(prompt_objects)
-    best, best_key = [None] * n, (-1, -1.0)
+    best, best_key = [None] * n, (-1, -1, -1.0)
     for chosen in itertools.permutations(whole + [None] * n, n):
-        total, tie = 0, 0.0
+        key = (0, 0, 0.0)
         for obj, ci in zip(prompt_objects, chosen):
             if ci is not None:
-                score, t = _agreement(obj, comps[ci])
-                if score == 0:
+                agreement = _agreement(obj, comps[ci])
+                if agreement[0] == 0:
                     break
-                total, tie = total + score, tie + t
+                key = tuple(a + b for a, b in zip(key, agreement))
         else:
-            if (total, tie) > best_key:
-                best_key, best = (total, tie), list(chosen)
+            if key > best_key:
+                best_key, best = key, list(chosen)
     status, masks = [], []
     merged_comps = [i for i, c in enumerate(comps) if c.merged]
     for obj, ci in zip(prompt_objects, best):

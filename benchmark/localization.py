@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .evaluate import MERGED, MISSING, evaluate
 from .model import load_model
 from .sampling import sample
-from .scenes import prompt_text, test_prompt_pairs, training_scene
+from .scenes import prompt_text, held_out_prompts, training_scene
 from .train import ROOT, export
 
 
@@ -74,13 +75,13 @@ def word_column(tokenizer, prompt: str, word: str) -> int:
 
 
 def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, seed=0, steps=20,
-            guidance=5.0, at=0.4, batch=32) -> dict:
+            guidance=5.0, at=0.4, batch=32, grid_path: Path | None = None) -> dict:
     recorder = AttentionRecorder(anchor_layers(unet))
     capture_step = int(at * steps)
     ratios = {"shape": [], "colour": []}
     masses = {"shape": [], "colour": []}  # (own, other) pairs
     status, images_ok = Counter(), 0
-    n_images = 0
+    n_images, all_images = 0, []
     try:
         for start in range(0, len(prompts_objects), batch):
             chunk = prompts_objects[start:start + batch]
@@ -94,6 +95,7 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
 
             images = sample(unet, text_encoder, tokenizer, scheduler_config, prompts, seed=seed + start,
                             steps=steps, guidance=guidance, on_step=on_step)
+            all_images.append(images)
             maps = captured["maps"][len(chunk):]  # conditional half
             side = int(round(maps.shape[1] ** 0.5))
             for objects, prompt, image, amap in zip(chunk, prompts, images, maps):
@@ -115,6 +117,8 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                         masses[kind].append((own, other))
     finally:
         recorder.remove()
+    if grid_path is not None:
+        save_grid(np.concatenate(all_images), grid_path)
     summary = {"images": n_images, "all_ok_rate": images_ok / n_images,
                "object_status": {k: v / (2 * n_images) for k, v in sorted(status.items())}}
     for kind in ratios:
@@ -127,10 +131,19 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
     return summary
 
 
+def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    """Images in rows of ``columns``, 4x nearest-neighbour enlarged, for a look by eye."""
+    rows = -(-len(images) // columns)
+    padded = np.concatenate([images, np.zeros((rows * columns - len(images),) + images.shape[1:], np.uint8)])
+    grid = padded.reshape(rows, columns, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * images.shape[1], columns * images.shape[2], 3)
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+
+
 def gate_prompts(kind: str, n: int, seed: int = 0) -> list[list[tuple[str, str | None]]]:
     """``test``: the held-out prompts, cycled; ``train``: two-object training-distribution captions."""
     if kind == "test":
-        pool = test_prompt_pairs()
+        pool = held_out_prompts()
         return [pool[i % len(pool)] for i in range(n)]
     rng, out = random.Random(seed), []
     while len(out) < n:
@@ -151,6 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--at", type=float, default=0.4, help="fraction of the steps at which maps are taken")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=Path, help="also save the samples as one PNG here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.run:
@@ -160,7 +174,8 @@ def main(argv=None) -> None:
         weights = Path(args.weights)
     unet, text_encoder, tokenizer, scheduler_config = load_model(weights)
     summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
-                      seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at)
+                      seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at,
+                      grid_path=args.grid)
     summary["step"] = json.loads(weights.with_suffix(".json").read_text())["step"]
     summary["prompts"] = args.prompts
     print(json.dumps(summary, indent=1))

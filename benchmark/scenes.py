@@ -155,7 +155,7 @@ def training_scene(seed: int) -> Scene:
     return Scene(image, truth, caption_for(pairs, with_colours))
 
 
-def test_prompt_pairs(seed: int = 0, count: int = 48) -> list[list[tuple[str, str | None]]]:
+def held_out_prompts(seed: int = 0, count: int = 48) -> list[list[tuple[str, str | None]]]:
     """Held-out two-object prompts as [(shape, colour or None), ...]: every held-out shape pair without
     colours (both orders), then coloured pairs that use a held-out pairing."""
     rng = random.Random(seed)
@@ -189,7 +189,7 @@ def parse_prompt(prompt: str) -> list[tuple[str, str | None]]:
 
 def write_test_prompts(path: Path = TEST_PROMPTS_PATH) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(prompt_text(p) for p in test_prompt_pairs()) + "\n")
+    path.write_text("\n".join(prompt_text(p) for p in held_out_prompts()) + "\n")
 
 
 if __name__ == "__main__":

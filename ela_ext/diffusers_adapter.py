@@ -53,7 +53,7 @@ def encode(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.T
     """SD-style conditioning: the last hidden state of 77 padded tokens per prompt."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=CHUNK, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]
 
 
 def sampler_space(scheduler: Any, step_index: int, timestep: Any) -> SamplerSpace:
@@ -68,12 +68,14 @@ def sampler_space(scheduler: Any, step_index: int, timestep: Any) -> SamplerSpac
 def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts: Sequence[str],
            config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
            entity_specs: Optional[Sequence[str]] = None, generator: Optional[torch.Generator] = None,
-           **loop_options: Any) -> SampleResult:
+           loop_options: Optional[dict[str, Any]] = None) -> SampleResult:
     """Classifier-free guided sampling from ``latents`` (unit-variance noise), anchoring the
     conditional rows on the first UNet evaluation of each step inside the window.
 
-    ``entity_specs``: one spec per prompt (default: ``config.entities`` for all). Raises the
-    engine's EntitySpecError for a spec that does not fit a prompt, before any sampling.
+    ``entity_specs``: one spec per prompt (default: ``config.entities`` for all). ``generator``
+    drives an ancestral scheduler's noise; ``loop_options`` go to ``anchor_latent`` (the
+    benchmark's random-direction control). Raises the engine's EntitySpecError for a spec that
+    does not fit a prompt, before any sampling.
     """
     config = config.validated()
     specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)
@@ -89,7 +91,7 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
             def forward(x: torch.Tensor, t: Any = timestep) -> Any:
                 return unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond)
             latents = session.maybe_anchor(latents, sampler_space(scheduler, step_index, timestep),
-                                           step_index, num_steps, forward, **loop_options)
+                                           step_index, num_steps, forward, **(loop_options or {}))
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
         noise = unet(model_input, timestep, encoder_hidden_states=torch.cat([cond, uncond])).sample
         noise_cond, noise_uncond = noise.chunk(2)

@@ -1,0 +1,170 @@
+"""What anchoring fixes on the bundled model: the same prompts and seeds with ELA off, on, and a
+random-direction control, judged by the exact evaluator.
+
+    python -m benchmark.effect [--prompts benchmark/prompts/test_prompts.txt] [--seeds 64 | 0,1,2]
+                               [--json] [--settings off,ela,random] [engine settings, e.g. --lambda 0.3]
+
+Sampling goes through ``ela_ext.diffusers_adapter.sample``, the engine the WebUI script uses. Each
+setting sees the same initial noise per (prompt, seed), so results are paired: ``fixed`` counts
+images that fail off and are correct with the setting, ``broken`` the reverse. The random control
+takes steps of the same size as ELA's in random directions: an effect ELA has and the control does
+not is the objective's, not the push's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ela_ext.config import ElaConfig, replace
+from ela_ext.diffusers_adapter import sample
+
+from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
+from .model import LATENT_CHANNELS, LATENT_SIZE, decode, load_model
+from .scenes import parse_prompt
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WEIGHTS = HERE / "weights" / "model.safetensors"
+DEFAULT_PROMPTS = HERE / "prompts" / "test_prompts.txt"
+SETTINGS = ("off", "ela", "random")
+FAILURES = (MISSING, WRONG_COLOUR, MERGED, WRONG_SHAPE)
+# Engine settings a run may override, as (flag, ElaConfig field, type).
+OVERRIDES = (("--lambda", "lambda_weight", float), ("--window-start", "window_start", float),
+             ("--window-end", "window_end", float), ("--iterations", "max_iterations", int),
+             ("--threshold", "loss_threshold", float), ("--step-size", "step_size", float),
+             ("--objective", "objective", str), ("--layers", "layers", str),
+             ("--binarization", "binarization", str))
+
+
+@dataclass
+class SettingResult:
+    """Per image (in prompt-major, seed-minor order): the evaluator's status per requested object."""
+
+    name: str
+    statuses: list[list[str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def rate(self, kind: str) -> float:
+        if kind == OK:
+            return sum(all(s == OK for s in image) for image in self.statuses) / len(self.statuses)
+        return sum(kind in image for image in self.statuses) / len(self.statuses)
+
+    @property
+    def correct(self) -> list[bool]:
+        return [all(s == OK for s in image) for image in self.statuses]
+
+
+def initial_noise(seeds: Sequence[int]) -> torch.Tensor:
+    """One latent per seed, independent of batching: the pairing of off and on rests on it."""
+    return torch.stack([torch.randn(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE,
+                                    generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+def run_setting(model: tuple, prompts: Sequence[str], seeds: Sequence[int], setting: str, config: ElaConfig,
+                steps: int, guidance: float) -> SettingResult:
+    """Sample every prompt for all seeds (one batch per prompt) and evaluate each image."""
+    from diffusers import DDIMScheduler
+
+    unet, text_encoder, tokenizer, scheduler_config = model
+    result = SettingResult(setting)
+    setting_config = replace(config, enabled=setting != "off")
+    for prompt_index, prompt in enumerate(prompts):
+        options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
+                   if setting == "random" else None)
+        start = time.perf_counter()
+        latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
+                         setting_config, initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
+                         loop_options=options).latents
+        result.seconds += time.perf_counter() - start
+        objects = parse_prompt(prompt)
+        result.statuses.extend(evaluate(image, objects).status for image in decode(latents))
+    return result
+
+
+def paired(off: SettingResult, other: SettingResult) -> tuple[int, int]:
+    """(fixed, broken): images wrong off and right with ``other``, and the reverse."""
+    fixed = sum(not a and b for a, b in zip(off.correct, other.correct))
+    broken = sum(a and not b for a, b in zip(off.correct, other.correct))
+    return fixed, broken
+
+
+def summary(results: list[SettingResult]) -> list[dict]:
+    off = next((r for r in results if r.name == "off"), None)
+    rows = []
+    for result in results:
+        n = len(result.statuses)
+        row = {"setting": result.name, "images": n, "both_correct": result.rate(OK),
+               **{kind: result.rate(kind) for kind in FAILURES}, "seconds_per_image": result.seconds / n}
+        if off is not None and result is not off:
+            row["time_vs_off"] = result.seconds / off.seconds
+            row["fixed"], row["broken"] = paired(off, result)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], out=sys.stdout) -> None:
+    header = (f"{'setting':8s} {'images':>6s} {'both ok':>8s} {'missing':>8s} {'wrong col':>9s} "
+              f"{'merged':>7s} {'wrong shp':>9s} {'s/image':>8s} {'time/off':>8s} {'fixed':>6s} {'broken':>6s}")
+    print(header, file=out)
+    for row in rows:
+        extra = (f"{row['time_vs_off']:7.2f}x {row['fixed']:6d} {row['broken']:6d}"
+                 if "time_vs_off" in row else f"{'':8s} {'':6s} {'':6s}")
+        print(f"{row['setting']:8s} {row['images']:6d} {row['both_correct']:8.1%} {row[MISSING]:8.1%} "
+              f"{row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} {row[WRONG_SHAPE]:9.1%} "
+              f"{row['seconds_per_image']:8.3f} {extra}", file=out)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``64`` -> 0..63; ``3,7,11`` -> those seeds."""
+    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+
+
+def config_from_args(args: argparse.Namespace) -> ElaConfig:
+    changes = {name: getattr(args, name) for _, name, _ in OVERRIDES if getattr(args, name) is not None}
+    return replace(ElaConfig(), **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="one prompt per line")
+    parser.add_argument("--limit-prompts", type=int, default=None, help="use the first N prompts")
+    parser.add_argument("--seeds", default="64", help="a count (0..N-1) or a comma-separated list")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="of off, ela, random")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for flag, name, kind in OVERRIDES:
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=f"ElaConfig.{name}")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)
+    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    prompts = prompts[:args.limit_prompts] if args.limit_prompts else prompts
+    seeds = parse_seeds(args.seeds)
+    config = config_from_args(args)
+    model = load_model(args.weights)
+    results = [run_setting(model, prompts, seeds, setting, config, args.steps, args.guidance)
+               for setting in args.settings.split(",")]
+    rows = summary(results)
+    if args.json:
+        print(json.dumps({"config": config.to_infotext(), "prompts": len(prompts), "seeds": len(seeds),
+                          "steps": args.steps, "guidance": args.guidance, "rows": rows}, indent=2))
+    else:
+        print(f"{len(prompts)} prompts x {len(seeds)} seeds, DDIM {args.steps} steps, guidance {args.guidance}; "
+              f"ELA {config.to_infotext()}")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The effect benchmark: paired counting by hand, and an end-to-end run on the bundled model."""
+
+import json
+
+import pytest
+
+from benchmark.effect import DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, summary
+from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+
+
+def test_paired_counts_and_rates_by_hand():
+    off = SettingResult("off", [[OK, OK], [OK, MISSING], [MERGED, MERGED], [OK, WRONG_COLOUR]], seconds=2.0)
+    ela = SettingResult("ela", [[OK, MISSING], [OK, OK], [OK, OK], [OK, WRONG_COLOUR]], seconds=5.0)
+    assert paired(off, ela) == (2, 1)
+    rows = summary([off, ela])
+    assert rows[0]["both_correct"] == 0.25 and rows[0][MERGED] == 0.25 and rows[0][MISSING] == 0.25
+    assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
+    assert (rows[1]["fixed"], rows[1]["broken"]) == (2, 1)
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9]
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_end_to_end_on_two_prompts_and_two_seeds(capsys):
+    main(["--limit-prompts", "2", "--seeds", "2", "--steps", "8", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert [row["setting"] for row in report["rows"]] == ["off", "ela", "random"]
+    assert all(row["images"] == 4 for row in report["rows"])
+    assert report["rows"][1]["time_vs_off"] > 1.0  # anchoring does extra work

@@ -1,0 +1,74 @@
+"""Benchmark model: real CLIP token ids, SD's layout with an anchorable up-block, exact latent codec,
+caption-independent EOS columns, and (when committed weights exist) deterministic sampling."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from benchmark.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
+from benchmark.localization import anchor_layers
+from benchmark.model import ModelConfig, build_model, decode, encode_images, load_model
+from benchmark.scenes import training_scene
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "benchmark" / "weights" / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_tokenizer_ids_are_real_clip_ids(tokenizer):
+    assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    ids = encode(tokenizer, ["a red circle and a blue square"])[0]
+    assert ids.shape == (77,) and ids[0] == BOS_ID
+    assert ids[1:9].tolist() == [320, 736, 7117, 537, 320, 1746, 3999, EOS_ID]
+    assert (ids[9:] == EOS_ID).all()  # SD pads with EOS
+
+
+def test_latent_codec_is_exact():
+    images = np.stack([training_scene(s).image for s in range(3)])
+    latents = encode_images(images)
+    assert latents.shape == (3, 12, 16, 16)
+    assert np.array_equal(decode(latents), images)
+
+
+def test_model_layout_and_forward(tokenizer):
+    unet, text_encoder = build_model(ModelConfig())
+    layers = anchor_layers(unet)
+    assert layers and all(any(m is l for m in unet.up_blocks[0].modules()) for l in layers)
+    context = text_encoder(encode(tokenizer, ["a red circle", "a circle and a star"]))[0]
+    assert context.shape == (2, 77, 64)
+    out = unet(torch.randn(2, 12, 16, 16), torch.tensor([10, 500]), encoder_hidden_states=context).sample
+    assert out.shape == (2, 12, 16, 16)
+
+
+def test_eos_and_padding_columns_carry_no_caption(tokenizer):
+    _, text_encoder = build_model(ModelConfig())
+    with torch.no_grad():
+        context = text_encoder(encode(tokenizer, ["a red circle", "a blue star and a green cross"]))[0]
+    eos_column = text_encoder.eos_column
+    assert torch.equal(context[0, 4:], eos_column.expand(73, -1))  # "a red circle" ends at column 3
+    assert torch.equal(context[1, 9:], eos_column.expand(68, -1))
+    assert torch.equal(context[0, 0], context[1, 0])  # BOS sees only itself (causal)
+    assert not torch.allclose(context[0, 2], context[1, 2])  # word columns differ
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="no committed weights: export with "
+                    "`python -m benchmark.train --name RUN --export`")
+def test_committed_weights_sample_deterministically():
+    from benchmark.sampling import sample
+    unet, text_encoder, tok, scheduler_config = load_model(WEIGHTS)
+    prompts = ["a red circle and a blue square", "a star and a triangle"]
+    a = sample(unet, text_encoder, tok, scheduler_config, prompts, seed=7, steps=4)
+    b = sample(unet, text_encoder, tok, scheduler_config, prompts, seed=7, steps=4)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
