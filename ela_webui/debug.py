@@ -5,6 +5,11 @@ Two things cannot be read from an image: whether the sampler continued from the 
 variable set, the denoiser wrapper records every call of the last ELA generation (the latent it
 got, the latent after anchoring, what the call returned) and ``/ela/v1/debug/*`` serve them, the
 per-step loss log and the hook counts. Without it nothing is recorded and the routes do not exist.
+
+A failing grad pass (NaN, out of memory, a bug) must leave the image as ELA off would have made
+it from that step on, and no hook behind. Such failures cannot be provoked from outside on a
+healthy host, so a test arms one (``arm_fault``) for the next ELA generation and the grad pass
+calls ``inject_fault``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ ENABLED = os.environ.get("ELA_DEBUG") == "1"
 # Calls and anchoring sessions of the current (or last) ELA generation, in order.
 calls: list[dict] = []
 sessions: list = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """Every grad pass at sampling step ``step`` (0-based) fails: ``kind`` "nan", "oom" or "error"."""
+
+    kind: str
+    step: int
+
+
+# Set by the route; the next ELA generation takes it as its ``fault``, so it fires in one only.
+armed_fault: Optional[Fault] = None
+fault: Optional[Fault] = None
 
 
 def _rows(tensor: torch.Tensor) -> list[list[float]]:
@@ -45,8 +63,27 @@ class CallRecord:
 
 
 def start_generation() -> None:
+    global armed_fault, fault
     calls.clear()
     sessions.clear()
+    fault, armed_fault = armed_fault, None
+
+
+def arm_fault(kind: str, step: int) -> None:
+    global armed_fault
+    armed_fault = Fault(kind, step)
+
+
+def inject_fault(latent: torch.Tensor, step: int) -> torch.Tensor:
+    """The grad pass's UNet input at ``step``: ``latent``, or the armed fault (a NaN input that
+    the engine's finiteness checks must catch, or the exception a real failure would raise)."""
+    if fault is None or fault.step != step:
+        return latent
+    if fault.kind == "nan":
+        return latent * float("nan")
+    if fault.kind == "oom":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+    raise RuntimeError("grad pass failed (injected)")
 
 
 def step_logs() -> list[dict]:

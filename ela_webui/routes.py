@@ -3,8 +3,10 @@ debug routes of ``debug.py`` (only with ``ELA_DEBUG=1``)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from modules import shared
 
@@ -58,9 +60,21 @@ def debug_hooks() -> dict:
     return {"hooks": debug.hook_counts(shared.sd_model.model.diffusion_model)}
 
 
+class FaultRequest(BaseModel):
+    kind: Literal["nan", "oom", "error"]
+    step: int = Field(0, ge=0)
+
+
+def debug_fault(request: FaultRequest) -> dict:
+    """Make the next ELA generation's grad passes at ``step`` fail as ``kind`` (debug.inject_fault)."""
+    debug.arm_fault(request.kind, request.step)
+    return {}
+
+
 def register(_demo, app: FastAPI) -> None:
     """``script_callbacks.on_app_started`` target (also fired with ``--nowebui``)."""
     app.add_api_route("/ela/v1/tokens", tokens, methods=["POST"])
     if debug.ENABLED:
         app.add_api_route("/ela/v1/debug/calls", debug_calls, methods=["GET"])
         app.add_api_route("/ela/v1/debug/hooks", debug_hooks, methods=["GET"])
+        app.add_api_route("/ela/v1/debug/fault", debug_fault, methods=["POST"])

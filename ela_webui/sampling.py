@@ -133,6 +133,8 @@ class AnchoredPass:
         index = torch.tensor(positions, device=x.device)
 
         def conditional_branch(latent: torch.Tensor):
+            if debug.ENABLED:
+                latent = debug.inject_fault(latent, step)
             inputs = conditional_inputs(self.p.sd_model, select_rows(text_cond, cond_rows), image_cond[index])
             return self.denoiser.inner_model(latent, sigma[index], cond=inputs)
 

@@ -26,3 +26,10 @@ def test_end_to_end_on_two_prompts_and_two_seeds(capsys):
     assert [row["setting"] for row in report["rows"]] == ["off", "ela", "random"]
     assert all(row["images"] == 4 for row in report["rows"])
     assert {"fixed", "broken", "time_vs_off"} <= set(report["rows"][1])
+
+
+def test_sweep_grid_is_typed_like_the_config():
+    from benchmark.sweep import parse_grid
+
+    assert parse_grid("lambda_weight=0.1,0.5;max_iterations=3;binarization=mean") == [
+        ("lambda_weight", 0.1), ("lambda_weight", 0.5), ("max_iterations", 3), ("binarization", "mean")]

@@ -1,0 +1,80 @@
+"""Choose the engine's defaults: one baseline, then ELA with each value of one setting at a time
+(the others at their defaults), each with its random-direction control, on the same prompts and
+seeds as the effect benchmark.
+
+    python -m benchmark.sweep [--seeds 32] [--limit-prompts 16] [--json]
+        [--grid "lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2"]
+
+A value is worth choosing only where ELA beats both the baseline and its own control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ela_ext.config import ElaConfig, replace
+
+from .effect import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, paired, parse_seeds, run_setting
+from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+from .model import load_model
+
+DEFAULT_GRID = ("lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2,0.4;max_iterations=1,5,10;"
+                "window_end=0.2,0.3,0.5;binarization=otsu,mean")
+
+
+def parse_grid(text: str) -> list[tuple[str, object]]:
+    """``"a=1,2;b=x"`` -> [(a, 1.0), (a, 2.0), (b, "x")], typed like ElaConfig's fields."""
+    defaults = ElaConfig()
+    points = []
+    for part in filter(None, text.split(";")):
+        name, _, values = part.partition("=")
+        kind = type(getattr(defaults, name.strip()))
+        points.extend((name.strip(), kind(value)) for value in values.split(","))
+    return points
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--limit-prompts", type=int, default=16)
+    parser.add_argument("--seeds", default="32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--grid", default=DEFAULT_GRID)
+    parser.add_argument("--no-control", action="store_true", help="skip the random-direction controls")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][:args.limit_prompts]
+    seeds = parse_seeds(args.seeds)
+    model = load_model(args.weights)
+    run = lambda setting, config: run_setting(model, prompts, seeds, setting, config, args.steps,  # noqa: E731
+                                              args.guidance)
+    off = run("off", ElaConfig())
+    rows = []
+    for name, value in parse_grid(args.grid):
+        config = replace(ElaConfig(), **{name: value})
+        ela = run("ela", config)
+        control = None if args.no_control else run("random", config)
+        row = {"setting": f"{name}={value}", "both_correct": ela.rate(OK), "off": off.rate(OK),
+               "control": control.rate(OK) if control else None, "fixed_broken": paired(off, ela),
+               "missing": ela.rate(MISSING), "wrong_colour": ela.rate(WRONG_COLOUR), "merged": ela.rate(MERGED),
+               "time_vs_off": ela.seconds / off.seconds}
+        rows.append(row)
+        if not args.json:
+            control_text = f"{row['control']:7.1%}" if control else "    n/a"
+            print(f"{row['setting']:24s} ela {row['both_correct']:6.1%}  off {row['off']:6.1%}  control "
+                  f"{control_text}  fixed/broken {row['fixed_broken'][0]:3d}/{row['fixed_broken'][1]:3d}  "
+                  f"missing {row['missing']:6.1%}  wrong colour {row['wrong_colour']:6.1%}  merged "
+                  f"{row['merged']:6.1%}  time {row['time_vs_off']:.2f}x", flush=True)
+    if args.json:
+        print(json.dumps({"prompts": len(prompts), "seeds": len(seeds), "off": off.rate(OK), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
