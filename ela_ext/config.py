@@ -174,7 +174,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(default, float):
             return float(value)
         return "" if value is None else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(float("inf")) overflows
         raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}") from None
 
 

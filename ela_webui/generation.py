@@ -28,6 +28,17 @@ def schedule_steps(p) -> tuple[int, Optional[int]]:
     return p.firstpass_steps, config.total_steps(steps) if config else steps
 
 
+def image_index(p, index: int, all_seeds: list) -> int:
+    """The generation-wide index of the image an infotext is being written for.
+
+    ``create_infotext`` gets the whole generation's seeds and a generation-wide ``index`` from
+    ``Processed.infotext`` and the before-hires save, but only the current batch's seeds
+    (``p.seeds``, a slice) and the position in that batch when each image is written
+    (processing.py, ``process_images_inner``): with ``n_iter`` > 1 the latter is not the index.
+    """
+    return index if all_seeds is p.all_seeds else p.iteration * p.batch_size + index
+
+
 class ElaRun:
     """Stored on ``p`` by the script's ``process``; gone with ``p`` when the generation ends."""
 
@@ -75,16 +86,18 @@ class ElaRun:
         anchored = self.first_pass.get(index)
         return anchored.image_sessions.get(index) if anchored else None
 
-    # Infotext values: the WebUI calls these with create_infotext's locals (``index`` among them).
-    def settings_infotext(self, index: int = 0, **_) -> str:
+    # Infotext values: the WebUI calls these with create_infotext's locals (see ``image_index``).
+    def settings_infotext(self, p, index: int, all_seeds: list, **_) -> str:
         """All settings, with the entities this image was anchored on (detected ones included)."""
-        return replace(self.config, entities=self.specs.get(index, self.config.entities)).to_infotext()
+        entities = self.specs.get(image_index(p, index, all_seeds), self.config.entities)
+        return replace(self.config, entities=entities).to_infotext()
 
-    def log_infotext(self, index: int = 0, **_) -> Optional[str]:
-        found = self._session(index)
+    def log_infotext(self, p, index: int, all_seeds: list, **_) -> Optional[str]:
+        found = self._session(image_index(p, index, all_seeds))
         return found[0].infotext_summary() if found else None
 
-    def warnings_infotext(self, index: int = 0, **_) -> Optional[str]:
+    def warnings_infotext(self, p, index: int, all_seeds: list, **_) -> Optional[str]:
+        index = image_index(p, index, all_seeds)
         found = self._session(index)
         messages = self.warnings.get(index, []) + (found[0].warnings_for(found[1]) if found else [])
         return "; ".join(dict.fromkeys(messages)) or None

@@ -38,6 +38,9 @@ def test_api_values_are_coerced_or_named():
     assert config.enabled is True and config.max_iterations == 7 and config.step_size == 0.2
     with pytest.raises(ConfigError, match="max_iterations"):
         ElaConfig.from_mapping({"max_iterations": 2.5})
+    for not_an_int in ("inf", "1e400", "nan", "abc", None):
+        with pytest.raises(ConfigError, match="max_iterations"):
+            ElaConfig.from_mapping({"max_iterations": not_an_int})
     with pytest.raises(ConfigError, match="bogus"):
         ElaConfig.from_mapping({"bogus": 1})
     with pytest.raises(ConfigError, match="at most"):

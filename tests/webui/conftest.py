@@ -39,7 +39,8 @@ def host(webui_root, workdir, absent_images):
     """The WebUI with the extension linked, its UI built and its debug routes on (ELA_DEBUG=1)."""
     link = link_checkout(webui_root)
     try:
-        server = WebUI(webui_root, workdir, "with-ela", {"ELA_DEBUG": "1"}, with_ui=True)
+        server = WebUI(webui_root, workdir, "with-ela", {"ELA_DEBUG": "1"}, with_ui=True,
+                       ready_path="/ela/v1/debug/hooks")
         try:
             yield server
         finally:

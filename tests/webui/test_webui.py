@@ -8,6 +8,11 @@ latent, no hook outlives a generation, bad input degrades to "as if off", files 
 from __future__ import annotations
 
 import io
+import json
+import re
+import threading
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,6 +113,12 @@ def test_sampler_continues_from_the_anchored_latent(host, sampler, history):
     ("a black cat and a green frog", ela_args(entities="cat | | frog"), "is empty"),
     ("a black cat and a green frog", {"alwayson_scripts": {SCRIPT_TITLE: {"args": [True, SPEC, 5.0]}}},
      "lambda_weight must be in"),
+    ("a black cat and a green frog", {"alwayson_scripts": {SCRIPT_TITLE: {"args": [True, SPEC, "abc"]}}},
+     "lambda_weight must be a float, got 'abc'"),
+    ("a black cat and a green frog", {"alwayson_scripts": {SCRIPT_TITLE: {"args": [True, SPEC, 0.3, 0, 0.5, "abc"]}}},
+     "max_iterations must be a int, got 'abc'"),
+    ("a black cat and a green frog", {"alwayson_scripts": {SCRIPT_TITLE: {"args": [True, SPEC, 0.3, 0, 0.5, "inf"]}}},
+     "max_iterations must be a int, got 'inf'"),
     ("a black cat AND a green frog", ela_args(), "not found in the prompt: 'green', 'frog'"),
 ])
 def test_bad_input_generates_as_if_off_and_leaves_no_hook(host, prompt, args, warning):
@@ -214,3 +225,102 @@ def test_token_route_detects_and_rejects(host):
     for bad_spec, reason in [("dog | cat", "dog"), ("cat | | frog", "empty")]:
         status, payload = host.request("POST", "/ela/v1/tokens", {"prompt": "a black cat and a frog", "entities": bad_spec})
         assert status == 422 and reason in payload["detail"]
+
+
+def hook_counts(host) -> dict:
+    return host.get("/ela/v1/debug/hooks")["hooks"]
+
+
+FAULT_WARNINGS = {"nan": "AnchoringError: non-finite cross-attention maps",
+                  "oom": "OutOfMemoryError: CUDA out of memory (injected)",
+                  "error": "RuntimeError: grad pass failed (injected)"}
+
+
+@pytest.mark.parametrize("kind", FAULT_WARNINGS)
+def test_grad_pass_failure_at_the_first_step_generates_as_if_off(host, kind):
+    payload = txt2img_payload("Euler a", **SIZE)
+    hooks_before = hook_counts(host)
+    off = host.txt2img(**payload)
+    on = host.txt2img(**payload, **ela_args())
+    host.post("/ela/v1/debug/fault", {"kind": kind, "step": 0})
+    failed = host.txt2img(**payload, **ela_args())
+    assert hook_counts(host) == hooks_before
+    warning = f"anchoring stopped at step 1, image continues unanchored: {FAULT_WARNINGS[kind]}"
+    assert warning in infotext(failed) and f"ELA: {warning}" in host.log.read_text()
+    # Pixels: the PNG bytes also hold the infotext, which has the ELA keys.
+    assert pixels(failed["images"][0]).tolist() == pixels(off["images"][0]).tolist()
+    assert host.get("/ela/v1/debug/calls")["steps"] == []
+    # The fault was for one generation: the next one anchors as if it never happened.
+    assert host.txt2img(**payload, **ela_args())["images"] == on["images"]
+
+
+@pytest.mark.parametrize("kind", FAULT_WARNINGS)
+def test_grad_pass_failure_at_a_later_step_stops_anchoring(host, kind):
+    payload = txt2img_payload("Euler a", **SIZE)
+    hooks_before = hook_counts(host)
+    off = host.txt2img(**payload)
+    on = host.txt2img(**payload, **ela_args())
+    host.post("/ela/v1/debug/fault", {"kind": kind, "step": 1})
+    failed = host.txt2img(**payload, **ela_args())
+    assert hook_counts(host) == hooks_before
+    assert f"anchoring stopped at step 2, image continues unanchored: {FAULT_WARNINGS[kind]}" in infotext(failed)
+    assert [log["step"] for log in host.get("/ela/v1/debug/calls")["steps"]] == [0]
+    # Step 0 was anchored before the failure, so the image is neither the off one nor the fully
+    # anchored one (steps 0-2): it is step 0's anchored latent sampled on without ELA.
+    assert pixels(failed["images"][0]).tolist() != pixels(off["images"][0]).tolist()
+    assert pixels(failed["images"][0]).tolist() != pixels(on["images"][0]).tolist()
+
+
+def _call_while_sampling(host, payload: dict, route: str) -> dict:
+    """POST ``payload`` to txt2img in a thread, POST ``route`` once sampling reached step 1, and
+    return the txt2img answer (it must be a 200: an interrupt is not an error)."""
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(answer=host.request("POST", "/sdapi/v1/txt2img", payload)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while host.get("/sdapi/v1/progress?skip_current_image=true")["state"]["sampling_step"] < 1:
+            assert worker.is_alive() and time.monotonic() < deadline, f"sampling never started: {host.log_tail()}"
+            time.sleep(0.05)
+        host.post(route, {})
+    finally:
+        worker.join(timeout=600)
+    status, result = outcome["answer"]
+    assert status == 200, (status, result, host.log_tail())
+    result["info"] = json.loads(result["info"])
+    return result
+
+
+def _assert_nothing_left_behind(host, hooks_before: dict, short: dict, off: dict, on: dict) -> None:
+    assert hook_counts(host) == hooks_before
+    assert host.txt2img(**short)["images"] == off["images"]
+    assert host.txt2img(**short, **ela_args())["images"] == on["images"]
+
+
+def test_interrupt_inside_the_window_leaves_nothing_behind(host):
+    short = txt2img_payload("Euler a", **SIZE)
+    hooks_before = hook_counts(host)
+    off, on = host.txt2img(**short), host.txt2img(**short, **ela_args())
+    # Every one of 40 steps anchored: the interrupt lands while anchoring.
+    _call_while_sampling(host, {**txt2img_payload("Euler a", steps=40, **SIZE), **ela_args(window_end=1.0)},
+                         "/sdapi/v1/interrupt")
+    assert 1 <= len(host.get("/ela/v1/debug/calls")["steps"]) < 40
+    _assert_nothing_left_behind(host, hooks_before, short, off, on)
+
+
+def test_skip_inside_the_window_ends_that_image_only(host):
+    short = txt2img_payload("Euler a", **SIZE)
+    hooks_before = hook_counts(host)
+    off, on = host.txt2img(**short), host.txt2img(**short, **ela_args())
+    # Steps 0-9 of 40 anchored: the skip lands while anchoring the first image; the second
+    # image must then be anchored from its first step, exactly as when generated alone.
+    long = txt2img_payload("Euler a", steps=40, **SIZE)
+    late_window = ela_args(window_end=0.25)
+    result = _call_while_sampling(host, {**long, "n_iter": 2, **late_window}, "/sdapi/v1/skip")
+    skipped, following = result["info"]["infotexts"]
+    assert 1 <= int(re.search(r"ELA log: steps=(\d+);", skipped).group(1)) < 10, skipped
+    # Each image's infotext reports its own anchoring (not the batch's first image's).
+    assert "ELA log: steps=10;" in following
+    alone = host.txt2img(**{**long, "seed": long["seed"] + 1}, **late_window)
+    assert pixels(result["images"][1]).tolist() == pixels(alone["images"][0]).tolist()
+    _assert_nothing_left_behind(host, hooks_before, short, off, on)

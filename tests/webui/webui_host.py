@@ -51,8 +51,12 @@ def _free_port() -> int:
 class WebUI:
     """One running WebUI process and the stdlib HTTP calls the tests make to it."""
 
-    def __init__(self, root: Path, workdir: Path, name: str, env: dict[str, str], with_ui: bool = False):
+    def __init__(self, root: Path, workdir: Path, name: str, env: dict[str, str], with_ui: bool = False,
+                 ready_path: str = "/sdapi/v1/sd-models"):
         """Start it; ``with_ui`` builds the Gradio UI too (needed for infotext paste fields).
+
+        With the UI the server answers (404) before the API routes exist, and extensions' routes
+        come last (``on_app_started``): it is ready once GET ``ready_path`` answers 200.
 
         Settings, UI config and the log go to ``workdir`` and prompt history is off, so the
         prepared WebUI folder is left as it was.
@@ -69,7 +73,7 @@ class WebUI:
                                  env=launch_env, capture_output=True, text=True, check=True)
         self.pid = int(started.stdout.strip().splitlines()[-1])
         try:
-            self._wait_ready()
+            self._wait_ready(ready_path)
         except BaseException:
             self.stop()
             raise
@@ -81,16 +85,17 @@ class WebUI:
             return False
         return True
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, ready_path: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not self._alive():
                 raise RuntimeError(f"WebUI exited during start:\n{self.log_tail()}")
             try:
-                self.get("/sdapi/v1/sd-models")
-                return
+                if self.request("GET", ready_path)[0] == 200:
+                    return
             except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         raise RuntimeError(f"WebUI API not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
