@@ -101,7 +101,7 @@ class ElaScript(scripts.Script):
         try:
             config = ElaConfig.from_args(args)
         except ConfigError as error:
-            if args and args[0] is True:
+            if args and str(args[0]).strip().lower() in ("true", "1"):  # the API may send "true"
                 logger.warning("ELA: %s: generating without ELA", error)
                 p.extra_generation_params[f"{INFOTEXT_KEY} warnings"] = f"{error}: generated without ELA"
             return
@@ -125,7 +125,13 @@ class ElaScript(scripts.Script):
             for position in range(len(p.prompts)):
                 run.warn(p.iteration * p.batch_size + position, "Forge is not supported yet: image left unanchored")
             return
-        run.start_pass(p)
+        try:
+            run.start_pass(p)
+        except Exception as error:  # noqa: BLE001 - the host would swallow it without a trace
+            for position in range(len(p.prompts)):
+                run.warn(p.iteration * p.batch_size + position,
+                         f"{type(error).__name__}: {error}: image left unanchored")
+            logger.exception("ELA: could not prepare anchoring")
 
     def postprocess(self, p, processed, *args):
         """Mask grids: shown after the images, and saved beside them when the images are saved."""
