@@ -22,63 +22,29 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image
 
+from .attention import AttentionRecorder, anchor_layers
 from .evaluate import MERGED, MISSING, evaluate
-from .model import load_model
+from .clip_tokenizer import encode
+from .model import encode_images, load_model
 from .sampling import sample
-from .scenes import prompt_text, held_out_prompts, training_scene
+from .scenes import held_out_prompts, prompt_text, training_scene
 from .train import ROOT, export
 
 
-def anchor_layers(unet) -> list[torch.nn.Module]:
-    """attn2 modules of the first up-block (execution order = lowest resolution) that has any."""
-    for block in unet.up_blocks:
-        layers = [m for n, m in block.named_modules() if n.endswith("attn2")]
-        if layers:
-            return layers
-    raise ValueError("no up-block with cross-attention")
-
-
-class AttentionRecorder:
-    """Forward pre-hooks that recompute softmax(q k^T * scale) in fp32, head-averaged, when armed."""
-
-    def __init__(self, layers):
-        self.armed, self.maps = False, []
-        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in layers]
-
-    def _hook(self, module, args, kwargs):
-        if not self.armed:
-            return
-        x = args[0] if args else kwargs["hidden_states"]
-        ctx = kwargs.get("encoder_hidden_states")
-        q, k = module.to_q(x).float(), module.to_k(ctx).float()
-        b, n, _ = q.shape
-        q = q.view(b, n, module.heads, -1).transpose(1, 2)
-        k = k.view(b, k.shape[1], module.heads, -1).transpose(1, 2)
-        self.maps.append((q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1))  # (B, HW, 77)
-
-    def take(self) -> torch.Tensor:
-        """Mean over recorded layers, (B, HW, 77); clears the record."""
-        out = torch.stack(self.maps).mean(0)
-        self.maps = []
-        return out
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def word_column(tokenizer, prompt: str, word: str) -> int:
+    """Column of ``word`` (one CLIP token) in the prompt's 77 columns."""
     ids = tokenizer(prompt)["input_ids"]
     return ids.index(tokenizer(word)["input_ids"][1])
 
 
 def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, seed=0, steps=20,
             guidance=5.0, at=0.4, batch=32, grid_path: Path | None = None) -> dict:
+    """Sample ``prompts_objects`` and report failure rates and own/other attention mass ratios."""
     recorder = AttentionRecorder(anchor_layers(unet))
     capture_step = int(at * steps)
-    ratios = {"shape": [], "colour": []}
     masses = {"shape": [], "colour": []}  # (own, other) pairs
     status, images_ok = Counter(), 0
     n_images, all_images = 0, []
@@ -113,7 +79,6 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                     for j, word in enumerate(words):
                         column = amap[:, word_column(tokenizer, prompt, word)]
                         own, other = float(column @ pooled[j]), float(column @ pooled[1 - j])
-                        ratios[kind].append(own / max(other, 1e-12))
                         masses[kind].append((own, other))
     finally:
         recorder.remove()
@@ -121,13 +86,9 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
         save_grid(np.concatenate(all_images), grid_path)
     summary = {"images": n_images, "all_ok_rate": images_ok / n_images,
                "object_status": {k: v / (2 * n_images) for k, v in sorted(status.items())}}
-    for kind in ratios:
-        r, m = np.asarray(ratios[kind]), np.asarray(masses[kind])
-        if len(r):
-            summary[f"{kind}_ratio"] = {
-                "n": len(r), "mean": float(r.mean()), "median": float(np.median(r)),
-                "geo_mean": float(np.exp(np.log(np.clip(r, 1e-6, None)).mean())),
-                "pooled": float(m[:, 0].sum() / m[:, 1].sum()), "own_gt_other": float(np.mean(m[:, 0] > m[:, 1]))}
+    for kind, m in masses.items():
+        if m:
+            summary[f"{kind}_ratio"] = _ratio_summary(np.asarray(m))
     return summary
 
 
@@ -138,6 +99,48 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     grid = padded.reshape(rows, columns, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
     grid = grid.reshape(rows * images.shape[1], columns * images.shape[2], 3)
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
+def measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=64, timestep=600, seed=0) -> dict:
+    """The same ratio with the layout given: noise rendered two-object training-distribution scenes to
+    ``timestep``, run the conditional UNet once, and use the ground-truth masks. Needs no successful
+    sampling, so it tells early in training whether the word columns localise at all."""
+    rng, scenes = random.Random(seed), []
+    while len(scenes) < n:
+        scene = training_scene(rng.randrange(10**9))
+        if len(scene.objects) == 2:
+            scenes.append(scene)
+    recorder = AttentionRecorder(anchor_layers(unet))
+    latents = encode_images(np.stack([s.image for s in scenes]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((n,), timestep)
+    noisy = DDPMScheduler(**scheduler_config).add_noise(latents, noise, t)
+    recorder.armed = True
+    try:
+        unet(noisy, t, encoder_hidden_states=text_encoder(encode(tokenizer, [s.caption for s in scenes]))[0])
+        maps = recorder.take()
+    finally:
+        recorder.remove()
+    side = int(round(maps.shape[1] ** 0.5))
+    masses = {"shape": [], "colour": []}
+    for scene, amap in zip(scenes, maps):
+        pooled = [F.adaptive_avg_pool2d(torch.from_numpy(o.mask).float()[None, None], side).flatten()
+                  for o in scene.objects]
+        named_colours = len(scene.caption.split()) == 7
+        for kind in ("shape", "colour") if named_colours else ("shape",):
+            for j, obj in enumerate(scene.objects):
+                column = amap[:, word_column(tokenizer, scene.caption, getattr(obj, kind))]
+                masses[kind].append((float(column @ pooled[j]), float(column @ pooled[1 - j])))
+    return {f"{kind}_ratio": _ratio_summary(np.asarray(m)) for kind, m in masses.items() if m}
+
+
+def _ratio_summary(m: np.ndarray) -> dict:
+    """Own/other statistics from (own, other) mass pairs."""
+    r = m[:, 0] / np.clip(m[:, 1], 1e-12, None)
+    return {"n": len(r), "mean": float(r.mean()), "median": float(np.median(r)),
+            "geo_mean": float(np.exp(np.log(np.clip(r, 1e-6, None)).mean())),
+            "pooled": float(m[:, 0].sum() / m[:, 1].sum()), "own_gt_other": float(np.mean(m[:, 0] > m[:, 1]))}
 
 
 def gate_prompts(kind: str, n: int, seed: int = 0) -> list[list[tuple[str, str | None]]]:
@@ -165,6 +168,8 @@ def main(argv=None) -> None:
     p.add_argument("--at", type=float, default=0.4, help="fraction of the steps at which maps are taken")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, help="also save the samples as one PNG here")
+    p.add_argument("--renders", action="store_true",
+                   help="measure on noised ground-truth renders instead of samples (no sampling)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.run:
@@ -173,9 +178,13 @@ def main(argv=None) -> None:
     else:
         weights = Path(args.weights)
     unet, text_encoder, tokenizer, scheduler_config = load_model(weights)
-    summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
-                      seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at,
-                      grid_path=args.grid)
+    if args.renders:
+        summary = measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=args.n,
+                                     timestep=int(1000 * (1 - args.at)), seed=args.seed)
+    else:
+        summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
+                          seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at,
+                          grid_path=args.grid)
     summary["step"] = json.loads(weights.with_suffix(".json").read_text())["step"]
     summary["prompts"] = args.prompts
     print(json.dumps(summary, indent=1))

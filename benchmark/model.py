@@ -30,8 +30,18 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .clip_tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, load_tokenizer
 
 LATENT_CHANNELS, LATENT_SIZE = 12, 16
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
-                    "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False}
+# SD's schedule (scaled_linear, 0.00085..0.012) by default, so that sampling's time course is SD's:
+# the layout is decided in the first steps, where ELA acts. DDPM's pixel-space "linear" schedule
+# keeps so little signal mid-way (alpha_bar(600) = 0.03 against SD's 0.18) that the layout forms late.
+# clip_sample (x0 estimate clipped to [-1, 1] while sampling; training ignores it) keeps the first,
+# nearly pure-noise DDIM steps from derailing: without it the linear schedule's samples ended as noise.
+SCHEDULES = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
+
+
+def scheduler_config(beta_schedule: str = "scaled_linear") -> dict:
+    start, end = SCHEDULES[beta_schedule]
+    return {"num_train_timesteps": 1000, "beta_schedule": beta_schedule, "beta_start": start,
+            "beta_end": end, "prediction_type": "epsilon", "clip_sample": True}
 
 
 @dataclass
@@ -114,7 +124,7 @@ def load_model(weights_path: Path | str):
     text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
-    return unet, text_encoder, load_tokenizer(), dict(meta.get("scheduler_config", SCHEDULER_CONFIG))
+    return unet, text_encoder, load_tokenizer(), dict(meta["scheduler_config"])
 
 
 def config_dict(config: ModelConfig) -> dict:

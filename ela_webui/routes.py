@@ -14,6 +14,7 @@ from ela_ext.entities import EntitySpecError, format_spec
 from ela_webui import debug
 from ela_webui.prompts import (PREVIEW_STEPS, entity_phrases, first_sub_prompt, resolve, scheduled_texts,
                                strip_extra_networks, text_encoder, token_rows)
+from ela_webui.sampling import diffusion_model
 
 
 class TokensRequest(BaseModel):
@@ -57,7 +58,7 @@ def debug_calls() -> dict:
 
 
 def debug_hooks() -> dict:
-    return {"hooks": debug.hook_counts(shared.sd_model.model.diffusion_model)}
+    return {"hooks": debug.hook_counts(diffusion_model(shared.sd_model))}
 
 
 class FaultRequest(BaseModel):

@@ -1,20 +1,24 @@
-"""Anchoring inside the WebUI's samplers: the wrapper around ``p.sampler.model_wrap_cfg.forward``.
+"""Anchoring inside the WebUI's samplers (AUTOMATIC1111 and Forge): the wrapper around
+``p.sampler.model_wrap_cfg.forward``.
 
 Why there (host.md "Callbacks"): ``CFGDenoiserParams.x`` is a copy, so changing it moves only this
 call's UNet input. The ``x`` the sampler passes to its CFG denoiser is the sampler's own latent on
 the first evaluation of each step; writing the anchored latent into it IN PLACE makes both this
 step's denoising and the sampler's update continue from it. A sampler object, and so the wrapper,
 lives for one batch's pass: nothing is left on the model, and the capture hooks exist only inside
-``AnchoringSession.maybe_anchor``.
+``AnchoringSession.maybe_anchor``. Forge keeps A1111's samplers and CFG denoiser, so the wrapper is
+the same in both; only the conditional UNet branch differs (``LdmModel``, ``forge.ForgeModel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from modules import prompt_parser, sd_samplers_timesteps_impl
 from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
@@ -45,10 +49,11 @@ def first_evaluation_step(denoiser, sampler) -> Optional[int]:
     return call
 
 
-def sampler_space(denoiser, sigma: float) -> SamplerSpace:
-    """k-diffusion denoisers get a noise level; DDIM/PLMS/UniPC the UNet timestep (host.md)."""
+def sampler_space(denoiser, sigma: float, sd_model) -> SamplerSpace:
+    """k-diffusion denoisers get a noise level; DDIM/PLMS/UniPC the UNet timestep (host.md), in
+    A1111 and in Forge alike: Forge converts to a sigma only inside its CFGDenoiser."""
     if isinstance(denoiser, CFGDenoiserTimesteps):
-        return SamplerSpace.from_timestep(sigma, denoiser.alphas)
+        return SamplerSpace.from_timestep(sigma, sd_model.alphas_cumprod)
     return SamplerSpace.from_sigma(sigma)
 
 
@@ -67,6 +72,45 @@ def select_rows(cond, rows: list[int]):
     if isinstance(cond, dict):
         return {key: value[rows] for key, value in cond.items()}
     return cond[rows]
+
+
+def is_forge(sd_model) -> bool:
+    return hasattr(sd_model, "forge_objects")
+
+
+def diffusion_model(sd_model) -> nn.Module:
+    """The UNet module whose cross-attention layers are captured."""
+    if is_forge(sd_model):
+        return sd_model.forge_objects.unet.model.diffusion_model
+    return sd_model.model.diffusion_model
+
+
+class LdmModel:
+    """The conditional UNet branch in AUTOMATIC1111: ldm's UNet behind the sampler's inner
+    denoiser. A1111 samples under ``no_grad``, which the engine's ``enable_grad`` lifts, so a grad
+    pass needs no scope and no copies. ``ela_webui.forge.ForgeModel`` is the same for Forge."""
+
+    def __init__(self, p, denoiser):
+        self.sd_model = p.sd_model
+        self.denoiser = denoiser
+
+    def grad_scope(self):
+        return contextlib.nullcontext()
+
+    def grad_inputs(self, latent, sigma, text_cond, image_cond):
+        return latent, sigma, text_cond, image_cond
+
+    def conditional_branch(self, latent, sigma, text_cond, image_cond):
+        inputs = conditional_inputs(self.sd_model, text_cond, image_cond)
+        return self.denoiser.inner_model(latent, sigma, cond=inputs)
+
+
+def host_model(p, denoiser):
+    if is_forge(p.sd_model):
+        from ela_webui.forge import ForgeModel  # imports Forge's backend: only there
+
+        return ForgeModel(p, denoiser)
+    return LdmModel(p, denoiser)
 
 
 @dataclass
@@ -92,6 +136,7 @@ class AnchoredPass:
         self.p = p
         self.images = images
         self.denoiser = p.sampler.model_wrap_cfg
+        self.model = host_model(p, self.denoiser)
         self.stopped = False
         self.sessions: dict[tuple, AnchoringSession] = {}
         self.image_sessions: dict[int, tuple[AnchoringSession, int]] = {}
@@ -132,15 +177,17 @@ class AnchoredPass:
         cond_rows = [conds_list[position][0][0] for position in positions]
         index = torch.tensor(positions, device=x.device)
 
-        def conditional_branch(latent: torch.Tensor):
-            if debug.ENABLED:
-                latent = debug.inject_fault(latent, step)
-            inputs = conditional_inputs(self.p.sd_model, select_rows(text_cond, cond_rows), image_cond[index])
-            return self.denoiser.inner_model(latent, sigma[index], cond=inputs)
+        space = sampler_space(self.denoiser, float(sigma[positions[0]]), self.p.sd_model)
+        with self.model.grad_scope():
+            rows, row_sigma, row_text_cond, row_image_cond = self.model.grad_inputs(
+                x[index], sigma[index], select_rows(text_cond, cond_rows), image_cond[index])
 
-        rows = x[index]
-        updated = session.maybe_anchor(rows, sampler_space(self.denoiser, float(sigma[positions[0]])), step,
-                                       self.denoiser.steps, conditional_branch)
+            def conditional_branch(latent: torch.Tensor):
+                if debug.ENABLED:
+                    latent = debug.inject_fault(latent, step)
+                return self.model.conditional_branch(latent, row_sigma, row_text_cond, row_image_cond)
+
+            updated = session.maybe_anchor(rows, space, step, self.denoiser.steps, conditional_branch)
         if updated is not rows:
             x.index_copy_(0, index, updated.to(x.dtype))
 
@@ -164,8 +211,8 @@ class AnchoredPass:
         images new columns, and a session's targets are fixed."""
         key = tuple((image.position, resolved.columns) for image, resolved in targets)
         if key not in self.sessions:
-            unet = self.p.sd_model.model.diffusion_model
-            self.sessions[key] = AnchoringSession(unet, self.config, [resolved.columns for _, resolved in targets])
+            self.sessions[key] = AnchoringSession(diffusion_model(self.p.sd_model), self.config,
+                                                  [resolved.columns for _, resolved in targets])
             if debug.ENABLED:
                 debug.sessions.append(self.sessions[key])
         session = self.sessions[key]

@@ -33,6 +33,10 @@ LABELS = {"entities": "Entities", "lambda_weight": "Lambda (attenuation weight)"
           "step_size": "Step size", "objective": "Objective", "save_masks": "Save mask grids",
           "layers": "Layers", "binarization": "Background binarisation"}
 
+DETECT_HELP = "Fill Entities with the entities detected in the prompt (what an empty Entities field uses)."
+TOKENS_HELP = ("The prompt's tokens as the model reads them: bold = entity, dashed = attribute. "
+               "Click a word to add it to Entities as a new entity, or to remove it from there.")
+
 
 def infotext_reader(name: str):
     """Read one field back from a pasted infotext's ``ELA`` value; None leaves the field as is."""
@@ -87,6 +91,8 @@ class ElaScript(scripts.Script):
                         value=defaults.binarization, elem_id=self.elem_id("binarization"))
             # javascript/ela.js turns this into title= tooltips on the fields above.
             help_by_id = {self.elem_id(name): FIELD_HELP[name] for name in API_FIELDS}
+            help_by_id[self.elem_id("detect")] = DETECT_HELP
+            help_by_id[self.elem_id("tokens")] = TOKENS_HELP
             gr.HTML(f"<div class='ela-help' hidden data-help='{_attribute(json.dumps(help_by_id))}'></div>")
         self.infotext_fields = [(components[name], infotext_reader(name)) for name in API_FIELDS]
         return [components[name] for name in API_FIELDS]
@@ -119,11 +125,6 @@ class ElaScript(scripts.Script):
         """Called once ``p.sampler`` exists, for every batch and again for its hires pass."""
         run = getattr(p, RUN_ATTRIBUTE, None)
         if run is None:
-            return
-        if hasattr(p.sd_model, "forge_objects"):
-            # Forge samples under inference mode; its grad pass needs weight copies (host.md).
-            for position in range(len(p.prompts)):
-                run.warn(p.iteration * p.batch_size + position, "Forge is not supported yet: image left unanchored")
             return
         try:
             run.start_pass(p)

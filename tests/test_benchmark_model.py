@@ -14,7 +14,7 @@ import torch
 torch.set_num_threads(1)
 
 from benchmark.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
-from benchmark.localization import anchor_layers
+from benchmark.attention import anchor_layers
 from benchmark.model import ModelConfig, build_model, decode, encode_images, load_model
 from benchmark.scenes import training_scene
 
@@ -72,3 +72,21 @@ def test_committed_weights_sample_deterministically():
     b = sample(unet, text_encoder, tok, scheduler_config, prompts, seed=7, steps=4)
     assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
+
+
+def test_grounding_loss_rewards_attention_on_the_own_object(tokenizer):
+    from benchmark.train import grounding_loss
+    from benchmark.scenes import render, Scene
+
+    image, objects = render([("circle", "red", (2, 2, 14, 14)), ("square", "blue", (18, 18, 30, 30))])
+    scene = Scene(image, objects, "a red circle and a blue square")
+    ids = encode(tokenizer, [scene.caption])
+    circle, square = 3, 7  # columns of the shape words
+    own, swapped = torch.full((1, 64, 77), 1e-3), torch.full((1, 64, 77), 1e-3)
+    pooled = [torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(o.mask).float()[None, None], 8).flatten()
+              for o in objects]
+    own[0, :, circle], own[0, :, square] = pooled[0], pooled[1]
+    swapped[0, :, circle], swapped[0, :, square] = pooled[1], pooled[0]
+    assert grounding_loss(own, [scene], ids) < 0.15 < 0.8 < grounding_loss(swapped, [scene], ids)
+    dropped = encode(tokenizer, [""])  # an empty caption has no words to ground
+    assert grounding_loss(own, [scene], dropped) == 0

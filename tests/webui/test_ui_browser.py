@@ -1,0 +1,287 @@
+"""javascript/ela.js and style.css in a real browser against the real WebUI (with its Gradio UI).
+
+Headless Chromium, driven by Selenium through chromedriver, opens the txt2img page, opens the
+"Entity Anchoring (ELA)" accordion, types a prompt and checks what a user sees: the token chips
+from POST /ela/v1/tokens, a chip click toggling its word in Entities, "Detect from prompt", the
+route's 422 reason for a bad spec, the tooltips, and a pasted infotext refreshing the chips. It
+takes a screenshot of the accordion (into pytest's temp dir; ``ELA_UI_SCREENSHOT=<file.png>``
+copies it there too, which is how docs/ui.png is made).
+
+Skips (saying why) without ELA_WEBUI (see conftest.py), without the ``selenium`` package, or
+without Chromium and chromedriver (Debian: ``apt-get install chromium chromium-driver``; or name
+them with ELA_CHROMIUM and ELA_CHROMEDRIVER). None of that is in requirements-test.txt: CI does
+not run tests/webui.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from webui_host import WebUI, link_checkout
+
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install selenium) : browser UI tests skipped")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+PROMPT = "a black cat and a green frog"
+DETECTED = "black cat | green frog"
+ELA = "script_{tab}_entity_anchoring_ela_{name}"
+WAIT_S = 30
+# Without the networking flags Chromium keeps calling out into the closed network.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1400,2400"]
+
+
+def ela_id(name: str, tab: str = "txt2img") -> str:
+    return ELA.format(tab=tab, name=name)
+
+
+def _tool(variable: str, *names: str) -> str | None:
+    if os.environ.get(variable):
+        return os.environ[variable]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+@pytest.fixture(scope="module")
+def ui_host(webui_root, workdir):
+    """The WebUI with its UI and the checkout linked (left alone when someone else linked it)."""
+    link = link_checkout(webui_root)
+    try:
+        server = WebUI(webui_root, workdir, "ui-browser", {}, with_ui=True)
+        try:
+            # Extensions' routes come last (on_app_started); the UI needs POST /ela/v1/tokens.
+            deadline = time.monotonic() + 60
+            while server.request("POST", "/ela/v1/tokens", {"prompt": PROMPT})[0] != 200:
+                assert time.monotonic() < deadline, f"POST /ela/v1/tokens never answered:\n{server.log_tail()}"
+                time.sleep(0.5)
+            yield server
+        finally:
+            server.stop()
+    finally:
+        if link is not None:
+            link.unlink()
+
+
+@pytest.fixture(scope="module")
+def browser(ui_host, tmp_path_factory):
+    """Headless Chromium on the txt2img page, the UI's JavaScript loaded (onUiLoaded has run)."""
+    chromium = _tool("ELA_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+    driver_path = _tool("ELA_CHROMEDRIVER", "chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip(f"Chromium ({chromium}) or chromedriver ({driver_path}) not found: "
+                    "apt-get install chromium chromium-driver, or set ELA_CHROMIUM and ELA_CHROMEDRIVER")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # Both paths given: Selenium Manager has nothing to look up or download.
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(ui_host.url + "/")
+        wait(driver, lambda d: d.execute_script(
+            "return typeof gradioApp === 'function' && !!gradioApp().querySelector('#txt2img_prompt textarea')"
+            " && !!gradioApp().getElementById(arguments[0] + '-visible-checkbox')", ela_id("enabled")),
+            "the WebUI page with the ELA accordion")
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, condition, what: str):
+    try:
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"timed out waiting for {what}; now: {view(driver)}") from None
+
+
+def view(driver, tab: str = "txt2img") -> dict:
+    """What the user sees of ELA: the spec, the chips (text, role), the messages, the checkbox."""
+    return driver.execute_script("""
+        const id = (name) => arguments[0].replace('{name}', name);
+        const app = gradioApp();
+        const preview = app.getElementById(id('tokens'));
+        return {
+            spec: app.querySelector('#' + id('entities') + ' textarea').value,
+            prompt: app.querySelector('#' + arguments[1] + '_prompt textarea').value,
+            chips: [...preview.querySelectorAll('.ela-chip')].map((chip) => [chip.textContent,
+                chip.classList.contains('ela-entity') ? 'entity' : chip.classList.contains('ela-attribute') ? 'attribute' : '']),
+            messages: [...preview.querySelectorAll('.ela-message')].map((m) => [m.textContent, m.classList.contains('ela-error')]),
+            enabled: app.getElementById(id('enabled') + '-visible-checkbox').checked,
+        };""", ELA.format(tab=tab, name="{name}"), tab)
+
+
+def type_into(element, text: str) -> None:
+    """Replace the field's text by typing, as a user does (input events included)."""
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(Keys.BACKSPACE)
+    if text:
+        element.send_keys(text)
+
+
+def spec_box(driver, tab: str = "txt2img"):
+    return driver.find_element(By.CSS_SELECTOR, f"#{ela_id('entities', tab)} textarea")
+
+
+def chip(driver, text: str, tab: str = "txt2img"):
+    chips = [c for c in driver.find_elements(By.CSS_SELECTOR, f"#{ela_id('tokens', tab)} .ela-chip") if c.text == text]
+    assert chips, (text, view(driver, tab))
+    return chips[0]
+
+
+def chips_are(driver, expected: list[list[str]], tab: str = "txt2img"):
+    return lambda d: view(d, tab)["chips"] == expected
+
+
+# The prompt's chips with the roles of DETECTED (the spec the route detects from PROMPT).
+DETECTED_CHIPS = [["a", ""], ["black", "attribute"], ["cat", "entity"], ["and", ""], ["a", ""],
+                  ["green", "attribute"], ["frog", "entity"]]
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    """The accordion opened (which enables ELA) and PROMPT typed into the txt2img prompt."""
+    header = browser.find_element(By.CSS_SELECTOR, f"#{ela_id('enabled')} > .label-wrap")
+    header.click()
+    wait(browser, lambda d: view(d)["enabled"] and spec_box(d).is_displayed(), "the accordion to open, enabled")
+    prompt = browser.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")
+    type_into(prompt, PROMPT)
+    # Empty Entities: the route detects them, so the chips already carry the detected roles.
+    wait(browser, chips_are(browser, DETECTED_CHIPS), "the prompt's chips")
+    return browser
+
+
+def test_accordion_checkbox_enables_ela(page):
+    checkbox = page.find_element(By.ID, ela_id("enabled") + "-visible-checkbox")
+    assert checkbox.is_displayed() and checkbox.is_selected()
+    # The Gradio checkbox behind it, the value that generation receives, follows.
+    assert page.execute_script("return gradioApp().querySelector('#' + arguments[0] + '-checkbox input').checked",
+                               ela_id("enabled"))
+
+
+def test_chips_show_the_prompt_tokens(page):
+    state = view(page)
+    assert [text for text, _ in state["chips"]] == PROMPT.split()
+    assert state["messages"] == []
+    for element in page.find_elements(By.CSS_SELECTOR, f"#{ela_id('tokens')} .ela-chip"):
+        assert element.is_displayed() and element.size["height"] >= 14 and element.size["width"] >= 8
+    assert "click to add or remove \"frog\"" in chip(page, "frog").get_attribute("title")
+
+
+def test_chip_click_adds_and_removes_its_word(page):
+    type_into(spec_box(page), "")
+    wait(page, lambda d: view(d)["spec"] == "" and view(d)["chips"] == DETECTED_CHIPS, "an empty spec")
+    chip(page, "frog").click()
+    wait(page, lambda d: view(d)["spec"] == "frog", "the frog chip to add frog")
+    # The preview follows the new spec: one entity, so only frog is marked and the route warns.
+    wait(page, lambda d: ["frog", "entity"] in view(d)["chips"] and ["cat", ""] in view(d)["chips"],
+         "the chips of the spec 'frog'")
+    assert any("two entities" in text for text, _ in view(page)["messages"]), view(page)
+    chip(page, "cat").click()
+    wait(page, lambda d: view(d)["spec"] == "frog | cat", "the cat chip to add a second entity")
+    chip(page, "frog").click()
+    wait(page, lambda d: view(d)["spec"] == "cat", "the frog chip to remove frog")
+
+
+def test_detect_from_prompt_fills_the_spec(page):
+    type_into(spec_box(page), "cat")
+    page.find_element(By.ID, ela_id("detect")).click()
+    wait(page, lambda d: view(d)["spec"] == DETECTED, "Detect from prompt")
+    wait(page, lambda d: view(d)["chips"] == DETECTED_CHIPS and view(d)["messages"] == [], "the detected roles")
+
+
+def test_bad_spec_shows_the_route_reason_and_keeps_the_chips(page, ui_host):
+    status, answer = ui_host.request("POST", "/ela/v1/tokens", {"prompt": PROMPT, "entities": "dog | cat"})
+    assert status == 422
+    type_into(spec_box(page), "dog | cat")
+    wait(page, lambda d: view(d)["messages"] == [[answer["detail"], True]], "the 422 reason")
+    error = page.find_element(By.CSS_SELECTOR, f"#{ela_id('tokens')} .ela-error")
+    assert error.is_displayed() and error.size["height"] > 0
+    # The prompt's words stay clickable (unmarked) so the spec can be fixed from them.
+    wait(page, lambda d: [text for text, _ in view(d)["chips"]] == PROMPT.split(), "the chips under the reason")
+    assert all(role == "" for _, role in view(page)["chips"])
+
+
+def test_tooltips_are_set(page):
+    for name in ("entities", "lambda_weight", "window_start", "window_end", "max_iterations", "loss_threshold",
+                 "step_size", "objective", "save_masks", "layers", "binarization", "detect", "tokens"):
+        title = page.find_element(By.ID, ela_id(name)).get_attribute("title")
+        assert title and len(title) > 15, (name, title)
+    header = page.find_element(By.CSS_SELECTOR, f"#{ela_id('enabled')} > .label-wrap")
+    assert "anchor" in header.get_attribute("title").lower()
+    # Only the header: a title on the whole panel would show over every field without one.
+    assert not page.find_element(By.ID, ela_id("enabled")).get_attribute("title")
+
+
+def test_pasted_infotext_refreshes_the_chips(page):
+    """The WebUI's paste button sets the fields from the server, without the input events typing sends."""
+    prompt = page.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")
+    infotext = (f"{PROMPT}\nSteps: 6, Sampler: Euler a, Seed: 1, Size: 64x64, "
+                "ELA: entities=frog | cat;lambda=0.3;start=0;end=0.3;iters=5;threshold=0.05;step=0.1;"
+                "objective=ela;layers=up_lowest;binarize=otsu")
+    page.execute_script("arguments[0].value = arguments[1]; updateInput(arguments[0]);", prompt, infotext)
+    page.find_element(By.ID, "paste").click()
+    expected = [["a", ""], ["black", ""], ["cat", "entity"], ["and", ""], ["a", ""], ["green", ""], ["frog", "entity"]]
+    wait(page, lambda d: view(d)["prompt"] == PROMPT and view(d)["spec"] == "frog | cat" and view(d)["chips"] == expected,
+         "the pasted spec's chips")
+
+
+def test_img2img_tab_has_its_own_preview(page):
+    page.find_element(By.XPATH, "//div[@id='tabs']//button[normalize-space()='img2img']").click()
+    header = wait(page, lambda d: next((e for e in d.find_elements(
+        By.CSS_SELECTOR, f"#{ela_id('enabled', 'img2img')} > .label-wrap") if e.is_displayed()), None),
+        "the img2img accordion")
+    header.click()
+    prompt = page.find_element(By.CSS_SELECTOR, "#img2img_prompt textarea")
+    type_into(prompt, "a red fox")
+    wait(page, lambda d: [text for text, _ in view(d, "img2img")["chips"]] == ["a", "red", "fox"], "img2img chips")
+    page.find_element(By.XPATH, "//div[@id='tabs']//button[normalize-space()='txt2img']").click()
+    wait(page, lambda d: spec_box(d).is_displayed(), "back on txt2img")
+
+
+def test_accordion_screenshot(page, tmp_path_factory):
+    """The accordion after "Detect from prompt": judged by eye once (docs/ui.png), checked for sanity here."""
+    type_into(spec_box(page), "")
+    prompt = page.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")
+    type_into(prompt, PROMPT)
+    page.find_element(By.ID, ela_id("detect")).click()
+    wait(page, lambda d: view(d)["spec"] == DETECTED and view(d)["chips"] == DETECTED_CHIPS, "the detected spec")
+    page.execute_script("document.activeElement.blur();")
+    time.sleep(0.3)  # the focus ring fades
+    accordion = page.find_element(By.ID, ela_id("enabled"))
+    # Layout: the chips sit below the Entities field, inside the accordion, their text not cut off.
+    boxes = page.execute_script("""
+        const rect = (e) => e.getBoundingClientRect().toJSON();
+        const app = gradioApp();
+        return {accordion: rect(app.getElementById(arguments[0])), spec: rect(app.getElementById(arguments[1])),
+                chips: [...app.querySelectorAll('#' + arguments[2] + ' .ela-chip')].map((c) =>
+                    ({...rect(c), clipped: c.scrollWidth > c.clientWidth || c.scrollHeight > c.clientHeight}))};""",
+        ela_id("enabled"), ela_id("entities"), ela_id("tokens"))
+    for box in boxes["chips"]:
+        assert not box["clipped"], box
+        assert box["top"] >= boxes["spec"]["bottom"] - 1, (box, boxes["spec"])
+        assert boxes["accordion"]["left"] <= box["left"] and box["right"] <= boxes["accordion"]["right"], box
+    path = tmp_path_factory.mktemp("screenshots") / "ela-accordion.png"
+    accordion.screenshot(str(path))
+    assert path.stat().st_size > 5000, path
+    print(f"accordion screenshot: {path}")
+    if os.environ.get("ELA_UI_SCREENSHOT"):
+        target = Path(os.environ["ELA_UI_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def test_no_script_errors_in_the_console(page):
+    # Network failures (the WebUI's CDN script, this machine is offline) are not ours.
+    errors = [entry for entry in page.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
+    assert errors == []
