@@ -5,7 +5,7 @@
 
 The run lives in runs/NAME/: ``ckpt.pt`` (written atomically every --ckpt-minutes), ``train.log`` (mean
 loss every --log-every steps) and ``args.json``. Starting again with the same NAME resumes from the
-checkpoint with the arguments saved there; every batch (scenes, noise, timesteps, caption dropout) is a
+checkpoint with the arguments saved there (``kill PID`` saves a checkpoint first); every batch (scenes, noise, timesteps, caption dropout) is a
 function of (seed, step), so an interrupted run continues the same data stream it would have seen.
 """
 
@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -90,12 +91,16 @@ def shape_token(shape: str) -> int:
 
 
 def grounding_loss(maps: torch.Tensor, scenes, ids: torch.Tensor) -> torch.Tensor:
-    """TokenCompose-style token grounding (Wang et al., CVPR 2024): mean over captioned objects of
-    (1 - share of the shape word's attention that falls on its object's mask)^2, on the anchor
-    layers only. Without it the maps stayed uniform (own/other mass 1.00 at every layer and timestep
-    after 1000 steps, whatever the text encoder): a model this small conditions through the
-    attention-weighted mean of the values, a global vector, and never needs to localise. Only shape
-    words (the entities) are grounded; colour binding is left to be learnt, so colours still bleed."""
+    """TokenCompose-style token grounding (Wang et al., CVPR 2024) on the anchor layers only: mean over
+    captioned objects of (1 - share of the shape word's attention that falls on its object's mask)^2.
+
+    Why: without it the anchor maps stayed uniform. Measured with ``localization --renders`` (own/other
+    attention mass of each shape word on noised renders, t=600): frozen random 1-layer encoder with
+    blank EOS 1.00 after 1100 steps, the same encoder trained at 0.1x lr 1.00 after 740 steps, and
+    1.00 at every cross-attention layer and timestep; with this loss (weight 0.05) median 5.6 after
+    385 steps, the same scaled_linear run without it 1.03. A model this small conditions through the
+    attention-weighted mean of the values (a global vector) and never needs to localise. Only shape
+    words (the entities) are grounded; colour binding is left to be learnt, so colours can bleed."""
     side = int(round(maps.shape[1] ** 0.5))
     terms = []
     for b, scene in enumerate(scenes):
@@ -183,10 +188,13 @@ def train(args: argparse.Namespace) -> None:
                     "model_config": asdict(config), "command": command}, tmp)
         os.replace(tmp, ckpt_path)
 
+    stop = []  # SIGTERM / Ctrl-C end the run after the current step, with a checkpoint
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
     start = last_save = time.time()
     losses: list[float] = []
     unet.train()
-    while step < args.max_steps and time.time() - start < args.max_minutes * 60:
+    while not stop and step < args.max_steps and time.time() - start < args.max_minutes * 60:
         scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         context = text_encoder(ids)[0]

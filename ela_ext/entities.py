@@ -47,7 +47,7 @@ POSTURE_WORDS = frozenset({
 # Relations between entities: each splits the prompt into entity parts; a posture verb before the
 # preposition belongs to the relation.
 _POSTURE = r"(?:(?:" + "|".join(sorted(POSTURE_WORDS)) + r")\s+)?"
-_RELATION = (r"\s*,\s*|\s*;\s*|\.\s+|\s+and\s+|\s+" + _POSTURE
+_RELATION = (r"\s*,\s*(?:(?:and|or)\s+)?|\s*;\s*|\.\s+|\s+(?:and|or)\s+|\s+" + _POSTURE
              + r"(?:with|next\s+to|beside|on\s+top\s+of|on|in\s+front\s+of|behind|near|under|above"
              r"|below|by)\s+|\s+(?:holding|wearing|riding|eating|chasing|carrying)\s+")
 # Scene context ("in a garden", "at night") is where the entities are, not another entity.

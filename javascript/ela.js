@@ -72,7 +72,16 @@
         return words;
     }
 
-    function render(tab, answer, error) {
+    const ROLE_NAMES = {"ela-entity": "entity", "ela-attribute": "attribute"};
+
+    // A word with no letter or digit (",", "!") cannot be an entity: its chip only shows the column.
+    function isWord(word) {
+        return /[\p{L}\p{N}]/u.test(word);
+    }
+
+    // `answer` null: only `error`. `withRoles` false: chips without the entity/attribute marks (the
+    // tokens of the prompt alone, shown beside the reason a spec was refused so it can be fixed).
+    function render(tab, answer, error, withRoles = true) {
         const preview = gradioApp().getElementById(elementId(tab, "tokens"));
         if (!preview) {
             return;
@@ -88,23 +97,33 @@
             return;
         }
         const roles = new Map();
-        for (const entity of answer.entities) {
-            entity.columns.forEach((column) => roles.set(column, "ela-entity"));
-            entity.attributes.forEach((attribute) => attribute.columns.forEach((column) => roles.set(column, "ela-attribute")));
+        if (withRoles) {
+            for (const entity of answer.entities) {
+                entity.columns.forEach((column) => roles.set(column, "ela-entity"));
+                entity.attributes.forEach((attribute) => attribute.columns.forEach((column) => roles.set(column, "ela-attribute")));
+            }
         }
         const chips = document.createElement("div");
         chips.className = "ela-chips";
         for (const word of wordsOf(answer.tokens)) {
             const chip = document.createElement("button");
+            const role = roles.get(word.columns[0]);
             chip.type = "button";
-            chip.className = ["ela-chip", roles.get(word.columns[0]) || ""].join(" ");
+            chip.className = ["ela-chip", role || ""].join(" ").trim();
             chip.textContent = word.text;
-            chip.title = `columns ${word.columns.join(", ")}: click to add or remove "${word.word}"`;
-            chip.addEventListener("click", () => setSpec(tab, toggleWord(specBox(tab).value, word.word.toLowerCase())));
+            const where = `column${word.columns.length > 1 ? "s" : ""} ${word.columns.join(", ")}`;
+            const what = role ? ` (${ROLE_NAMES[role]})` : "";
+            if (isWord(word.word)) {
+                chip.title = `${where}${what}: click to add or remove "${word.word}" in Entities`;
+                chip.addEventListener("click", () => setSpec(tab, toggleWord(specBox(tab).value, word.word.toLowerCase())));
+            } else {
+                chip.title = where;
+                chip.disabled = true;
+            }
             chips.appendChild(chip);
         }
         preview.appendChild(chips);
-        for (const warning of answer.warnings) {
+        for (const warning of withRoles ? answer.warnings : []) {
             const message = document.createElement("div");
             message.className = "ela-message";
             message.textContent = warning;
@@ -112,16 +131,31 @@
         }
     }
 
+    // Answers can come back out of order: only the latest request of a tab may render.
+    const latest = {};
+
     async function refresh(tab) {
         const prompt = promptBox(tab);
         const spec = specBox(tab);
         if (!prompt || !spec) {
             return;
         }
+        const request = latest[tab] = {prompt: prompt.value, spec: spec.value};
+        const current = () => latest[tab] === request;
         try {
-            render(tab, await requestTokens(prompt.value, spec.value), null);
+            const answer = await requestTokens(request.prompt, request.spec);
+            if (current()) {
+                render(tab, answer, null);
+            }
         } catch (error) {
-            render(tab, null, error);
+            // A refused spec: keep the prompt's chips under the reason, so a click can fix the spec.
+            let tokensOnly = null;
+            if (request.spec.trim()) {
+                tokensOnly = await requestTokens(request.prompt, "").catch(() => null);
+            }
+            if (current()) {
+                render(tab, tokensOnly, error, false);
+            }
         }
     }
 
@@ -146,6 +180,9 @@
         });
     }
 
+    // Tabs wired in onUiLoaded, each with its debounced refresh.
+    const scheduled = {};
+
     onUiLoaded(function() {
         addTooltips();
         for (const tab of TABS) {
@@ -156,7 +193,7 @@
                 continue;
             }
             let timer = null;
-            const later = () => {
+            const later = scheduled[tab] = () => {
                 clearTimeout(timer);
                 timer = setTimeout(() => refresh(tab), REFRESH_DELAY_MS);
             };
@@ -164,6 +201,18 @@
             spec.addEventListener("input", later);
             button.addEventListener("click", () => detect(tab));
             refresh(tab);
+        }
+    });
+
+    // Values the WebUI sets without an input event (pasted infotext, styles, "Send to"): catch up.
+    onAfterUiUpdate(function() {
+        for (const [tab, later] of Object.entries(scheduled)) {
+            const request = latest[tab];
+            const prompt = promptBox(tab);
+            const spec = specBox(tab);
+            if (request && prompt && spec && (request.prompt !== prompt.value || request.spec !== spec.value)) {
+                later();
+            }
         }
     });
 })();

@@ -24,8 +24,8 @@ import pytest
 
 from webui_host import WebUI, link_checkout
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install selenium) : browser UI tests skipped")
+webdriver = pytest.importorskip("selenium.webdriver", exc_type=ImportError,
+                                reason="selenium cannot be imported (pip install selenium): browser UI tests skipped")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -47,13 +47,25 @@ def ela_id(name: str, tab: str = "txt2img") -> str:
 
 
 def _tool(variable: str, *names: str) -> str | None:
+    """The program ``variable`` names, else the first of ``names`` on PATH; None where there is none."""
     if os.environ.get(variable):
-        return os.environ[variable]
+        return os.environ[variable] if os.access(os.environ[variable], os.X_OK) else None
     return next((path for path in map(shutil.which, names) if path), None)
 
 
 @pytest.fixture(scope="module")
-def ui_host(webui_root, workdir):
+def browser_tools() -> tuple[str, str]:
+    """Chromium and chromedriver, looked for before a WebUI is started for nothing."""
+    chromium = _tool("ELA_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+    driver_path = _tool("ELA_CHROMEDRIVER", "chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip(f"Chromium ({chromium}) or chromedriver ({driver_path}) not found: "
+                    "apt-get install chromium chromium-driver, or set ELA_CHROMIUM and ELA_CHROMEDRIVER")
+    return chromium, driver_path
+
+
+@pytest.fixture(scope="module")
+def ui_host(webui_root, browser_tools, workdir):
     """The WebUI with its UI and the checkout linked (left alone when someone else linked it)."""
     link = link_checkout(webui_root)
     try:
@@ -73,13 +85,9 @@ def ui_host(webui_root, workdir):
 
 
 @pytest.fixture(scope="module")
-def browser(ui_host, tmp_path_factory):
+def browser(browser_tools, ui_host, tmp_path_factory):
     """Headless Chromium on the txt2img page, the UI's JavaScript loaded (onUiLoaded has run)."""
-    chromium = _tool("ELA_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
-    driver_path = _tool("ELA_CHROMEDRIVER", "chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip(f"Chromium ({chromium}) or chromedriver ({driver_path}) not found: "
-                    "apt-get install chromium chromium-driver, or set ELA_CHROMIUM and ELA_CHROMEDRIVER")
+    chromium, driver_path = browser_tools
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
@@ -265,10 +273,13 @@ def test_accordion_screenshot(page, tmp_path_factory):
         const app = gradioApp();
         return {accordion: rect(app.getElementById(arguments[0])), spec: rect(app.getElementById(arguments[1])),
                 chips: [...app.querySelectorAll('#' + arguments[2] + ' .ela-chip')].map((c) =>
-                    ({...rect(c), clipped: c.scrollWidth > c.clientWidth || c.scrollHeight > c.clientHeight}))};""",
+                    ({...rect(c), clipped: c.scrollWidth > c.clientWidth || c.scrollHeight > c.clientHeight,
+                      padding: parseFloat(getComputedStyle(c).paddingLeft)}))};""",
         ela_id("enabled"), ela_id("entities"), ela_id("tokens"))
     for box in boxes["chips"]:
         assert not box["clipped"], box
+        # style.css's padding, not Gradio's button reset (padding 0): the chips read as chips.
+        assert box["padding"] >= 4, box
         assert box["top"] >= boxes["spec"]["bottom"] - 1, (box, boxes["spec"])
         assert boxes["accordion"]["left"] <= box["left"] and box["right"] <= boxes["accordion"]["right"], box
     path = tmp_path_factory.mktemp("screenshots") / "ela-accordion.png"
