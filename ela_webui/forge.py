@@ -27,25 +27,22 @@ from backend.sampling.sampling_function import compute_cond_indices, compute_con
 from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
 
 
-def replace_inference_weights(module: nn.Module) -> int:
-    """Give ``module`` normal clones of its inference-tensor parameters and buffers; return how
-    many were replaced. Quantised parameter types (GGUF, bitsandbytes) are left alone: a grad pass
-    through them then fails and the image continues unanchored."""
-    replaced = 0
+def replace_inference_weights(module: nn.Module) -> None:
+    """Give ``module`` normal clones of its inference-tensor parameters and buffers. Quantised
+    parameter types (GGUF, bitsandbytes) are left alone (untried: should a grad pass through them
+    fail, the session stops anchoring and warns, as for any failure)."""
     with torch.inference_mode(False):
         for owner in module.modules():
             for name, parameter in list(owner.named_parameters(recurse=False)):
                 if type(parameter) is nn.Parameter and parameter.is_inference():
                     setattr(owner, name, nn.Parameter(parameter.clone(), requires_grad=False))
-                    replaced += 1
             for name, buffer in list(owner.named_buffers(recurse=False)):
                 if buffer is not None and buffer.is_inference():
                     owner._buffers[name] = buffer.clone()
-                    replaced += 1
-    return replaced
 
 
 def _save_a_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """Autograd's pack hook: a snapshot of what it saves, so a later ``x += n`` cannot change it."""
     return tensor if isinstance(tensor, nn.Parameter) else tensor.clone()
 
 
@@ -64,7 +61,6 @@ class ForgeModel:
 
     def __init__(self, p, denoiser):
         self.sd_model = p.sd_model
-        self.denoiser = denoiser
         # Forge's timestep samplers (DDIM, PLMS, UniPC) hand the denoiser z_t and a UNet timestep;
         # its CFGDenoiser converts them to k-diffusion's x and sigma, and so does the grad pass.
         self.timestep_sampler = isinstance(denoiser, CFGDenoiserTimesteps)
