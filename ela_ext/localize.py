@@ -9,8 +9,14 @@ Small pure functions on tensors. Decisions where the paper is silent:
 * Entity vs entity: each entity map is min-max normalised first (a weak entity's raw map is small
   everywhere and would otherwise get no pixels), then ``D_i = [Â_i > max_{j != i} Â_j]``; for two
   entities that is the paper's ``B(A_1 - A_2)`` with the threshold at zero.
-* ``M_i = D_i AND NOT M_bk`` (the paper's ``B(D - M_bk)`` on binary maps).
-* Degenerate masks (empty, or the whole map) fall back to the entity's top-k pixels with
+* ``M_i = B(A_i) AND D_i AND NOT M_bk``. The paper's ``B(D - M_bk)`` binarises a difference of
+  maps; taken at zero, every pixel where all entities are near zero (the background of the entity
+  maps) would go to whichever entity's noise is larger: on the benchmark model a small object's
+  mask was a few pixels and the other entity's mask the whole empty background. Requiring the
+  entity's own map to be high (``B`` of it, same method as the background) keeps the dominance
+  test to where the entity attends at all.
+* Degenerate masks: ``B`` never selects a map's minimum, so a mask is never the whole map; an
+  empty one (an entity dominated everywhere it attends) falls back to the entity's top-k pixels,
   ``k = h*w / (2n)``, and the fallback is reported, so the loss stays bounded and meaningful.
 """
 
@@ -97,16 +103,15 @@ class Localization:
 
 def localize(entity_maps: torch.Tensor, sot_map: torch.Tensor, names: Sequence[str],
              method: str = "otsu") -> Localization:
-    """ELA's localisation: ``M_i = D_i AND NOT B(A_SoT)``, with top-k fallbacks for degenerate masks."""
+    """ELA's localisation: ``M_i = B(A_i) AND D_i AND NOT B(A_SoT)``, top-k for an empty mask."""
     background = binarize(sot_map, method)
     dominance = dominance_masks(entity_maps)
     masks, fallbacks = [], []
     n_entities, pixels = entity_maps.shape[0], entity_maps[0].numel()
     for index, name in enumerate(names):
-        mask = dominance[index] & ~background
-        covered = int(mask.sum())
-        if covered == 0 or covered == pixels:
+        mask = binarize(entity_maps[index], method) & dominance[index] & ~background
+        if not mask.any():
             mask = top_k_mask(entity_maps[index], pixels // (2 * n_entities))
-            fallbacks.append(f"{name}: {'empty' if covered == 0 else 'full'} mask, used its top pixels")
+            fallbacks.append(f"{name}: empty mask, used its top pixels")
         masks.append(mask)
     return Localization(torch.stack(masks), background, fallbacks)

@@ -74,9 +74,22 @@ def test_degenerate_masks_fall_back_to_top_pixels_and_say_so():
     result = localize(torch.stack([same, same]), torch.zeros(4, 4), ["cat", "frog"])
     assert [int(m.sum()) for m in result.entity_masks] == [4, 4]  # h*w / (2n)
     assert len(result.fallbacks) == 2 and "cat: empty mask" in result.fallbacks[0]
-    # a single entity dominates everywhere: a full mask, also a fallback
+    # a single entity dominates everywhere: its mask is where its own map is high, never all
     single = localize(same[None], torch.zeros(4, 4), ["cat"])
-    assert int(single.entity_masks[0].sum()) == 8 and "full" in single.fallbacks[0]
+    assert torch.equal(single.entity_masks[0], binarize(same)) and single.fallbacks == []
+
+
+def test_near_zero_background_goes_to_no_entity():
+    """Where every entity map is ~0, a zero-threshold dominance would hand the pixels to the
+    larger noise; the entity's own binarised map keeps them out of both masks."""
+    small = torch.zeros(4, 4)
+    small[0, 0] = 1.0
+    other = torch.zeros(4, 4)
+    other[3, 3] = 1.0
+    noise = torch.rand(4, 4, generator=torch.Generator().manual_seed(3)) * 1e-3
+    result = localize(torch.stack([small + noise, other + noise.flip(0)]), torch.zeros(4, 4), ["dot", "box"])
+    assert [int(mask.sum()) for mask in result.entity_masks] == [1, 1]
+    assert result.entity_masks[0, 0, 0] and result.entity_masks[1, 3, 3]
 
 
 def inputs_for(maps, masks=None, text_share=None):
