@@ -15,6 +15,9 @@ Small pure functions on tensors. Decisions where the paper is silent:
   mask was a few pixels and the other entity's mask the whole empty background. Requiring the
   entity's own map to be high (``B`` of it, same method as the background) keeps the dominance
   test to where the entity attends at all.
+* The start-of-text map is the background in SD (the paper's observation), but not in every
+  model: on the benchmark model it peaks on the objects. Where removing it would empty an entity's
+  mask, the entity keeps ``B(A_i) AND D_i`` and the fallback is reported.
 * Degenerate masks: ``B`` never selects a map's minimum, so a mask is never the whole map; an
   empty one (an entity dominated everywhere it attends) falls back to the entity's top-k pixels,
   ``k = h*w / (2n)``, and the fallback is reported, so the loss stays bounded and meaningful.
@@ -109,8 +112,12 @@ def localize(entity_maps: torch.Tensor, sot_map: torch.Tensor, names: Sequence[s
     masks, fallbacks = [], []
     n_entities, pixels = entity_maps.shape[0], entity_maps[0].numel()
     for index, name in enumerate(names):
-        mask = binarize(entity_maps[index], method) & dominance[index] & ~background
-        if not mask.any():
+        own = binarize(entity_maps[index], method) & dominance[index]
+        mask = own & ~background
+        if not mask.any() and own.any():
+            mask = own
+            fallbacks.append(f"{name}: the start-of-text map covered its region, kept the region")
+        elif not mask.any():
             mask = top_k_mask(entity_maps[index], pixels // (2 * n_entities))
             fallbacks.append(f"{name}: empty mask, used its top pixels")
         masks.append(mask)

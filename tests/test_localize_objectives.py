@@ -122,3 +122,16 @@ def test_every_objective_is_bounded_and_differentiable(name):
     assert 0.0 <= loss.item() <= 1.0
     (grad,) = torch.autograd.grad(loss, [maps])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_a_start_of_text_map_on_the_objects_does_not_erase_them():
+    """Where the start-of-text map peaks on an entity (not the background, as in SD), removing it
+    would empty the mask: the entity keeps its own dominant region, reported as a fallback."""
+    entity_maps, _ = two_entity_scene()
+    sot_on_cat = entity_maps[0].clone()
+    result = localize(entity_maps, sot_on_cat, ["cat", "frog"])
+    expected_left = torch.zeros(4, 4, dtype=torch.bool)
+    expected_left[:, :2] = True
+    assert torch.equal(result.entity_masks[0], expected_left)
+    assert torch.equal(result.entity_masks[1], expected_left.flip(1))
+    assert result.fallbacks == ["cat: the start-of-text map covered its region, kept the region"]
