@@ -41,7 +41,7 @@ def word_column(tokenizer, prompt: str, word: str) -> int:
 
 
 def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, seed=0, steps=20,
-            guidance=5.0, at=0.4, batch=32, grid_path: Path | None = None) -> dict:
+            guidance=5.0, eta=0.0, at=0.4, batch=32, grid_path: Path | None = None) -> dict:
     """Sample ``prompts_objects`` and report failure rates and own/other attention mass ratios."""
     recorder = AttentionRecorder(anchor_layers(unet))
     capture_step = int(at * steps)
@@ -60,7 +60,7 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                     captured["maps"] = recorder.take()
 
             images = sample(unet, text_encoder, tokenizer, scheduler_config, prompts, seed=seed + start,
-                            steps=steps, guidance=guidance, on_step=on_step)
+                            steps=steps, guidance=guidance, eta=eta, on_step=on_step)
             all_images.append(images)
             maps = captured["maps"][len(chunk):]  # conditional half
             side = int(round(maps.shape[1] ** 0.5))
@@ -165,6 +165,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", choices=["test", "train"], default="test")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--at", type=float, default=0.4, help="fraction of the steps at which maps are taken")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, help="also save the samples as one PNG here")
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
                                      timestep=int(1000 * (1 - args.at)), seed=args.seed)
     else:
         summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
-                          seed=args.seed, steps=args.steps, guidance=args.guidance, at=args.at,
+                          seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta, at=args.at,
                           grid_path=args.grid)
     summary["step"] = json.loads(weights.with_suffix(".json").read_text())["step"]
     summary["prompts"] = args.prompts

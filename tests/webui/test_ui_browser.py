@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from webui_host import WebUI, link_checkout
+from webui_host import WebUI, checkout_in_extensions
 
 webdriver = pytest.importorskip("selenium.webdriver", exc_type=ImportError,
                                 reason="selenium cannot be imported (pip install selenium): browser UI tests skipped")
@@ -67,21 +67,13 @@ def browser_tools() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def ui_host(webui_root, browser_tools, workdir):
     """The WebUI with its UI and the checkout linked (left alone when someone else linked it)."""
-    link = link_checkout(webui_root)
-    try:
-        server = WebUI(webui_root, workdir, "ui-browser", {}, with_ui=True)
-        try:
-            # Extensions' routes come last (on_app_started); the UI needs POST /ela/v1/tokens.
-            deadline = time.monotonic() + 60
-            while server.request("POST", "/ela/v1/tokens", {"prompt": PROMPT})[0] != 200:
-                assert time.monotonic() < deadline, f"POST /ela/v1/tokens never answered:\n{server.log_tail()}"
-                time.sleep(0.5)
-            yield server
-        finally:
-            server.stop()
-    finally:
-        if link is not None:
-            link.unlink()
+    with checkout_in_extensions(webui_root), WebUI(webui_root, workdir, "ui-browser", {}, with_ui=True) as server:
+        # Extensions' routes come last (on_app_started); the UI needs POST /ela/v1/tokens.
+        deadline = time.monotonic() + 60
+        while server.request("POST", "/ela/v1/tokens", {"prompt": PROMPT})[0] != 200:
+            assert time.monotonic() < deadline, f"POST /ela/v1/tokens never answered:\n{server.log_tail()}"
+            time.sleep(0.5)
+        yield server
 
 
 @pytest.fixture(scope="module")

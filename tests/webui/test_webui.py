@@ -7,38 +7,21 @@ latent, no hook outlives a generation, bad input degrades to "as if off", files 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import threading
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from ela_ext.config import ElaConfig
 
-from webui_host import BASELINE_PAYLOADS, SCRIPT_TITLE, decode_png, txt2img_payload
-
-SAMPLERS = ["Euler a", "DPM++ 2M", "Heun", "DDIM", "PLMS", "UniPC"]
-SPEC = "black cat | green frog"
-# 128 px: the tiny model's lowest up level is then 4x4, enough pixels for two entity masks.
-SIZE = {"width": 128, "height": 128}
-
-
-def ela_args(**changes) -> dict:
-    """``alwayson_scripts`` for ELA on; the window covers half of the 6 steps (3 anchored)."""
-    config = ElaConfig(**{"enabled": True, "entities": SPEC, "window_end": 0.5, **changes})
-    return {"alwayson_scripts": {SCRIPT_TITLE: {"args": config.as_args()}}}
-
-
-def pixels(image_b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(decode_png(image_b64))))
-
-
-def infotext(result: dict, index: int = 0) -> str:
-    return result["info"]["infotexts"][index]
+from webui_host import (BASELINE_PAYLOADS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
+                        assert_bad_input_gives_the_off_image, assert_off_is_byte_identical_to_no_extension,
+                        assert_on_changes_the_image_and_the_loss_falls,
+                        assert_sampler_continues_from_the_anchored_latent, decode_image, ela_args, hook_counts,
+                        infotext, pixels, txt2img_payload)
 
 
 def test_script_is_always_on_with_args_in_config_order(host):
@@ -51,60 +34,18 @@ def test_script_is_always_on_with_args_in_config_order(host):
 
 @pytest.mark.parametrize("sampler", list(BASELINE_PAYLOADS))
 def test_off_is_byte_identical_to_no_extension(host, absent_images, sampler):
-    payload = BASELINE_PAYLOADS[sampler]
-    no_entry = host.txt2img(**payload)
-    disabled = host.txt2img(**payload, alwayson_scripts={SCRIPT_TITLE: {"args": [False, SPEC]}})
-    assert disabled["images"] == no_entry["images"]
-    assert "ELA" not in infotext(no_entry) and "ELA" not in infotext(disabled)
-    if absent_images is None:
-        pytest.skip("the checkout was linked before the tests started: no extension-free baseline")
-    assert no_entry["images"][0] == absent_images[sampler]
+    assert_off_is_byte_identical_to_no_extension(host, BASELINE_PAYLOADS[sampler], absent_images, sampler)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_on_changes_the_image_and_the_loss_falls(host, sampler):
-    payload = txt2img_payload(sampler, **SIZE)
-    hooks_before = host.get("/ela/v1/debug/hooks")["hooks"]
-    off = host.txt2img(**payload)
-    on = host.txt2img(**payload, **ela_args())
-    assert host.get("/ela/v1/debug/hooks")["hooks"] == hooks_before
-    assert pixels(on["images"][0]).tolist() != pixels(off["images"][0]).tolist()
-    assert f"ELA: entities={SPEC};" in infotext(on)
-    debug = host.get("/ela/v1/debug/calls")
-    steps = debug["steps"]
-    assert [log["step"] for log in steps] == [0, 1, 2], steps
-    for log in steps:
-        assert log["updates"] >= 1 and log["losses"][-1] < log["losses"][0], log
-    anchored_calls = [call for call in debug["calls"] if call["x_anchored"] is not None]
-    assert len(anchored_calls) == 3 and all(call["step"] is not None for call in anchored_calls)
+    assert_on_changes_the_image_and_the_loss_falls(host, sampler)
 
 
-def _relative_residual(target: np.ndarray, regressors: list[np.ndarray]) -> float:
-    """How far ``target`` is from the best linear combination of ``regressors`` (per image row)."""
-    design = np.stack(regressors, axis=1)
-    coefficients, *_ = np.linalg.lstsq(design, target, rcond=None)
-    return float(np.linalg.norm(design @ coefficients - target) / np.linalg.norm(target))
-
-
-@pytest.mark.parametrize("sampler, history", [("Euler", 0), ("DDIM", 0), ("DPM++ 2M", 1)])
+@pytest.mark.parametrize("sampler, history", SAMPLER_HISTORIES)
 def test_sampler_continues_from_the_anchored_latent(host, sampler, history):
-    """The sampler's next latent is an affine function of its current latent and this call's (and,
-    for a multistep sampler, the last call's) output. It must fit the ANCHORED latent, not the one
-    the sampler passed in: that shows the write reached the sampler's own state, not only the UNet."""
-    host.txt2img(**txt2img_payload(sampler, **SIZE), **ela_args())
-    calls = host.get("/ela/v1/debug/calls")["calls"]
-    checked = 0
-    for k, call in enumerate(calls[:-1]):
-        if call["x_anchored"] is None or k < history:
-            continue
-        outputs = [np.asarray(calls[k - h]["output"][0]) for h in range(history + 1)]
-        following = np.asarray(calls[k + 1]["x_in"][0])
-        anchored = np.asarray(call["x_anchored"][0])
-        passed_in = np.asarray(call["x_in"][0])
-        assert _relative_residual(following, [anchored, *outputs]) < 1e-4
-        assert _relative_residual(following, [passed_in, *outputs]) > 1e-3
-        checked += 1
-    assert checked >= 2
+    """The write must reach the sampler's own state, not only the UNet (the fit: see webui_host)."""
+    assert_sampler_continues_from_the_anchored_latent(host, sampler, history)
 
 
 @pytest.mark.parametrize("prompt, args, warning", [
@@ -123,12 +64,8 @@ def test_sampler_continues_from_the_anchored_latent(host, sampler, history):
 ])
 def test_bad_input_generates_as_if_off_and_leaves_no_hook(host, prompt, args, warning):
     payload = txt2img_payload("Euler a", prompt=prompt, **SIZE)
-    hooks_before = host.get("/ela/v1/debug/hooks")["hooks"]
-    off = host.txt2img(**payload)
-    failed = host.txt2img(**payload, **args)
-    assert host.get("/ela/v1/debug/hooks")["hooks"] == hooks_before
-    assert warning in infotext(failed)
-    assert pixels(failed["images"][0]).tolist() == pixels(off["images"][0]).tolist()
+    off = assert_bad_input_gives_the_off_image(host, payload, args, warning)
+    # Nothing of the failed generation carries over into the next one.
     assert host.txt2img(**payload)["images"] == off["images"]
 
 
@@ -169,7 +106,7 @@ def test_mask_grids_are_saved_and_returned_when_asked(host, output_folder, save_
     assert len(list(output_folder.rglob("*.png"))) == (1 + save_masks if save_images else 0)
     assert len(result["images"]) == (2 if save_masks else 1)
     if save_masks:
-        grid = Image.open(io.BytesIO(decode_png(result["images"][1])))
+        grid = decode_image(result["images"][1])
         assert grid.width > 128 and grid.height > 20
 
 
@@ -227,48 +164,58 @@ def test_token_route_detects_and_rejects(host):
         assert status == 422 and reason in payload["detail"]
 
 
-def hook_counts(host) -> dict:
-    return host.get("/ela/v1/debug/hooks")["hooks"]
-
-
 FAULT_WARNINGS = {"nan": "AnchoringError: non-finite cross-attention maps",
                   "oom": "OutOfMemoryError: CUDA out of memory (injected)",
                   "error": "RuntimeError: grad pass failed (injected)"}
 
 
-@pytest.mark.parametrize("kind", FAULT_WARNINGS)
-def test_grad_pass_failure_at_the_first_step_generates_as_if_off(host, kind):
+@dataclass(frozen=True)
+class Reference:
+    """A short generation's results with ELA off and on, and the hook counts taken before them:
+    what a generation disturbed by a fault, an interrupt or a skip must leave as it was."""
+    payload: dict
+    hooks: dict
+    off: dict
+    on: dict
+
+
+@pytest.fixture
+def reference(host) -> Reference:
     payload = txt2img_payload("Euler a", **SIZE)
-    hooks_before = hook_counts(host)
-    off = host.txt2img(**payload)
-    on = host.txt2img(**payload, **ela_args())
-    host.post("/ela/v1/debug/fault", {"kind": kind, "step": 0})
-    failed = host.txt2img(**payload, **ela_args())
-    assert hook_counts(host) == hooks_before
+    hooks = hook_counts(host)
+    return Reference(payload, hooks, host.txt2img(**payload), host.txt2img(**payload, **ela_args()))
+
+
+def _generate_with_fault(host, reference: Reference, kind: str, step: int) -> dict:
+    """Inject a ``kind`` fault into the grad pass at anchoring step ``step`` and generate the
+    reference payload with ELA on; no hook may outlive it."""
+    host.post("/ela/v1/debug/fault", {"kind": kind, "step": step})
+    failed = host.txt2img(**reference.payload, **ela_args())
+    assert hook_counts(host) == reference.hooks
+    return failed
+
+
+@pytest.mark.parametrize("kind", FAULT_WARNINGS)
+def test_grad_pass_failure_at_the_first_step_generates_as_if_off(host, reference, kind):
+    failed = _generate_with_fault(host, reference, kind, step=0)
     warning = f"anchoring stopped at step 1, image continues unanchored: {FAULT_WARNINGS[kind]}"
     assert warning in infotext(failed) and f"ELA: {warning}" in host.log.read_text()
     # Pixels: the PNG bytes also hold the infotext, which has the ELA keys.
-    assert pixels(failed["images"][0]).tolist() == pixels(off["images"][0]).tolist()
+    assert pixels(failed["images"][0]) == pixels(reference.off["images"][0])
     assert host.get("/ela/v1/debug/calls")["steps"] == []
     # The fault was for one generation: the next one anchors as if it never happened.
-    assert host.txt2img(**payload, **ela_args())["images"] == on["images"]
+    assert host.txt2img(**reference.payload, **ela_args())["images"] == reference.on["images"]
 
 
 @pytest.mark.parametrize("kind", FAULT_WARNINGS)
-def test_grad_pass_failure_at_a_later_step_stops_anchoring(host, kind):
-    payload = txt2img_payload("Euler a", **SIZE)
-    hooks_before = hook_counts(host)
-    off = host.txt2img(**payload)
-    on = host.txt2img(**payload, **ela_args())
-    host.post("/ela/v1/debug/fault", {"kind": kind, "step": 1})
-    failed = host.txt2img(**payload, **ela_args())
-    assert hook_counts(host) == hooks_before
+def test_grad_pass_failure_at_a_later_step_stops_anchoring(host, reference, kind):
+    failed = _generate_with_fault(host, reference, kind, step=1)
     assert f"anchoring stopped at step 2, image continues unanchored: {FAULT_WARNINGS[kind]}" in infotext(failed)
     assert [log["step"] for log in host.get("/ela/v1/debug/calls")["steps"]] == [0]
     # Step 0 was anchored before the failure, so the image is neither the off one nor the fully
     # anchored one (steps 0-2): it is step 0's anchored latent sampled on without ELA.
-    assert pixels(failed["images"][0]).tolist() != pixels(off["images"][0]).tolist()
-    assert pixels(failed["images"][0]).tolist() != pixels(on["images"][0]).tolist()
+    assert pixels(failed["images"][0]) != pixels(reference.off["images"][0])
+    assert pixels(failed["images"][0]) != pixels(reference.on["images"][0])
 
 
 def _call_while_sampling(host, payload: dict, route: str) -> dict:
@@ -291,27 +238,21 @@ def _call_while_sampling(host, payload: dict, route: str) -> dict:
     return result
 
 
-def _assert_nothing_left_behind(host, hooks_before: dict, short: dict, off: dict, on: dict) -> None:
-    assert hook_counts(host) == hooks_before
-    assert host.txt2img(**short)["images"] == off["images"]
-    assert host.txt2img(**short, **ela_args())["images"] == on["images"]
+def _assert_nothing_left_behind(host, reference: Reference) -> None:
+    assert hook_counts(host) == reference.hooks
+    assert host.txt2img(**reference.payload)["images"] == reference.off["images"]
+    assert host.txt2img(**reference.payload, **ela_args())["images"] == reference.on["images"]
 
 
-def test_interrupt_inside_the_window_leaves_nothing_behind(host):
-    short = txt2img_payload("Euler a", **SIZE)
-    hooks_before = hook_counts(host)
-    off, on = host.txt2img(**short), host.txt2img(**short, **ela_args())
+def test_interrupt_inside_the_window_leaves_nothing_behind(host, reference):
     # Every one of 40 steps anchored: the interrupt lands while anchoring.
     _call_while_sampling(host, {**txt2img_payload("Euler a", steps=40, **SIZE), **ela_args(window_end=1.0)},
                          "/sdapi/v1/interrupt")
     assert 1 <= len(host.get("/ela/v1/debug/calls")["steps"]) < 40
-    _assert_nothing_left_behind(host, hooks_before, short, off, on)
+    _assert_nothing_left_behind(host, reference)
 
 
-def test_skip_inside_the_window_ends_that_image_only(host):
-    short = txt2img_payload("Euler a", **SIZE)
-    hooks_before = hook_counts(host)
-    off, on = host.txt2img(**short), host.txt2img(**short, **ela_args())
+def test_skip_inside_the_window_ends_that_image_only(host, reference):
     # Steps 0-9 of 40 anchored: the skip lands while anchoring the first image; the second
     # image must then be anchored from its first step, exactly as when generated alone.
     long = txt2img_payload("Euler a", steps=40, **SIZE)
@@ -322,5 +263,5 @@ def test_skip_inside_the_window_ends_that_image_only(host):
     # Each image's infotext reports its own anchoring (not the batch's first image's).
     assert "ELA log: steps=10;" in following
     alone = host.txt2img(**{**long, "seed": long["seed"] + 1}, **late_window)
-    assert pixels(result["images"][1]).tolist() == pixels(alone["images"][0]).tolist()
-    _assert_nothing_left_behind(host, hooks_before, short, off, on)
+    assert pixels(result["images"][1]) == pixels(alone["images"][0])
+    _assert_nothing_left_behind(host, reference)

@@ -6,11 +6,17 @@ fixtures in conftest.py link this checkout into its ``extensions/``, start it on
 stop it; the link is removed afterwards. Without the variable every test here skips and says why,
 which is what CI sees. Only the standard library talks to the server, so this runs from the
 project's own venv while the server runs in the host's.
+
+The second half holds what test_webui.py (A1111) and test_forge.py (Forge) both check, so the two
+hosts are held to the same assertions: off changes nothing, on anchors with a falling loss, the
+sampler continues from the written latent, bad input gives the off image and leaves no hook.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import signal
@@ -19,9 +25,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from ela_ext.config import ElaConfig
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 SCRIPT_TITLE = "Entity Anchoring (ELA)"
@@ -77,6 +88,12 @@ class WebUI:
         except BaseException:
             self.stop()
             raise
+
+    def __enter__(self) -> WebUI:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def _alive(self) -> bool:
         try:
@@ -155,6 +172,36 @@ def checkout_linked(root: Path) -> bool:
     return any(entry.resolve() == CHECKOUT for entry in (root / "webui" / "extensions").iterdir())
 
 
+@contextlib.contextmanager
+def checkout_in_extensions(root: Path) -> Iterator[None]:
+    """The checkout linked into ``root``'s extensions/ for the block; a link made here is removed
+    afterwards, one made by someone else is left alone."""
+    link = link_checkout(root)
+    try:
+        yield
+    finally:
+        if link is not None:
+            link.unlink()
+
+
+def images_without_extension(host_class: type[WebUI], root: Path, workdir: Path,
+                             payloads: dict[str, dict]) -> dict[str, str] | None:
+    """The first image of each payload (same keys) from a host WITHOUT the extension, started as
+    ``host_class`` under the name "absent"; None where the checkout is linked by someone else (then
+    it cannot be absent). What the ``absent_images`` fixtures return."""
+    if checkout_linked(root):
+        return None
+    with host_class(root, workdir, "absent", {}) as server:
+        return {name: server.txt2img(**payload)["images"][0] for name, payload in payloads.items()}
+
+
+def absent_image_or_skip(absent_images: dict[str, str] | None, name: str) -> str:
+    """The extension-free image for payload ``name``; skips where there is none to compare with."""
+    if absent_images is None:
+        pytest.skip("the checkout was linked before the tests started: no extension-free baseline")
+    return absent_images[name]
+
+
 def txt2img_payload(sampler: str = "Euler a", **fields) -> dict:
     """A small, fast generation: the tiny host model draws noise, so this checks mechanics only."""
     return {"prompt": "a black cat and a green frog", "negative_prompt": "", "seed": 1234,
@@ -167,3 +214,111 @@ BASELINE_PAYLOADS = {sampler: txt2img_payload(sampler) for sampler in ("Euler a"
 
 def decode_png(image_b64: str) -> bytes:
     return base64.b64decode(image_b64.split(",", 1)[-1])
+
+
+def decode_image(image_b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(decode_png(image_b64)))
+
+
+# What test_webui.py and test_forge.py both check, on either host (``server`` is a started WebUI or Forge).
+
+SAMPLERS = ["Euler a", "DPM++ 2M", "Heun", "DDIM", "PLMS", "UniPC"]
+# (sampler, history): how many earlier outputs besides this call's its next latent depends on.
+SAMPLER_HISTORIES = [("Euler", 0), ("DDIM", 0), ("DPM++ 2M", 1)]
+SPEC = "black cat | green frog"
+# 128 px: the tiny model's lowest up level is then 4x4, enough pixels for two entity masks.
+SIZE = {"width": 128, "height": 128}
+
+
+def ela_args(**changes) -> dict:
+    """``alwayson_scripts`` for ELA on; the window covers half of the 6 steps (3 anchored)."""
+    config = ElaConfig(**{"enabled": True, "entities": SPEC, "window_end": 0.5, **changes})
+    return {"alwayson_scripts": {SCRIPT_TITLE: {"args": config.as_args()}}}
+
+
+def pixels(image_b64: str) -> list:
+    """The decoded pixels as nested lists, so ``==`` compares them all. Not the PNG bytes: those
+    also hold the infotext, which has the ELA keys when ELA was asked for."""
+    return np.asarray(decode_image(image_b64)).tolist()
+
+
+def infotext(result: dict, index: int = 0) -> str:
+    return result["info"]["infotexts"][index]
+
+
+def hook_counts(server: WebUI) -> dict:
+    """The live ELA hooks by kind (debug route): the same before and after any generation."""
+    return server.get("/ela/v1/debug/hooks")["hooks"]
+
+
+def relative_residual(target: np.ndarray, regressors: list[np.ndarray]) -> float:
+    """How far ``target`` is from the best linear combination of ``regressors`` (per image row)."""
+    design = np.stack(regressors, axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, target, rcond=None)
+    return float(np.linalg.norm(design @ coefficients - target) / np.linalg.norm(target))
+
+
+def assert_off_is_byte_identical_to_no_extension(server: WebUI, payload: dict,
+                                                 absent_images: dict[str, str] | None, name: str) -> None:
+    """No ELA entry and ELA sent disabled give the same bytes and no ELA key in the infotext, and
+    the same bytes as the host without the extension gave for ``absent_images[name]``."""
+    no_entry = server.txt2img(**payload)
+    disabled = server.txt2img(**payload, alwayson_scripts={SCRIPT_TITLE: {"args": [False, SPEC]}})
+    assert disabled["images"] == no_entry["images"]
+    assert "ELA" not in infotext(no_entry) and "ELA" not in infotext(disabled)
+    assert no_entry["images"][0] == absent_image_or_skip(absent_images, name)
+
+
+def assert_on_changes_the_image_and_the_loss_falls(server: WebUI, sampler: str) -> None:
+    """ELA on changes the pixels, says so in the infotext, leaves no hook, and anchors steps 0-2
+    (the window) with at least one update each and a falling loss. Warnings may report mask
+    fallbacks (the tiny random host model's start-of-text map is no background), never that
+    anchoring stopped or left the image unanchored."""
+    payload = txt2img_payload(sampler, **SIZE)
+    hooks_before = hook_counts(server)
+    off = server.txt2img(**payload)
+    on = server.txt2img(**payload, **ela_args())
+    assert hook_counts(server) == hooks_before
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    assert f"ELA: entities={SPEC};" in infotext(on)
+    assert "anchoring stopped" not in infotext(on) and "unanchored" not in infotext(on)
+    debug = server.get("/ela/v1/debug/calls")
+    steps = debug["steps"]
+    assert [log["step"] for log in steps] == [0, 1, 2], steps
+    for log in steps:
+        assert log["updates"] >= 1 and log["losses"][-1] < log["losses"][0], log
+    anchored_calls = [call for call in debug["calls"] if call["x_anchored"] is not None]
+    assert len(anchored_calls) == 3 and all(call["step"] is not None for call in anchored_calls)
+
+
+def assert_sampler_continues_from_the_anchored_latent(server: WebUI, sampler: str, history: int) -> None:
+    """The sampler's next latent is an affine function of its current latent and this call's (and,
+    for a multistep sampler, the last ``history`` calls') outputs. It must fit the ANCHORED latent,
+    not the one the sampler passed in: that shows the write reached the sampler's own state, not
+    only the UNet."""
+    server.txt2img(**txt2img_payload(sampler, **SIZE), **ela_args())
+    calls = server.get("/ela/v1/debug/calls")["calls"]
+    checked = 0
+    for k, call in enumerate(calls[:-1]):
+        if call["x_anchored"] is None or k < history:
+            continue
+        outputs = [np.asarray(calls[k - h]["output"][0]) for h in range(history + 1)]
+        following = np.asarray(calls[k + 1]["x_in"][0])
+        anchored = np.asarray(call["x_anchored"][0])
+        passed_in = np.asarray(call["x_in"][0])
+        assert relative_residual(following, [anchored, *outputs]) < 1e-4
+        assert relative_residual(following, [passed_in, *outputs]) > 1e-3
+        checked += 1
+    assert checked >= 2
+
+
+def assert_bad_input_gives_the_off_image(server: WebUI, payload: dict, args: dict, warning: str) -> dict:
+    """Generating ``payload`` with the bad ELA ``args`` warns ``warning`` in the infotext, leaves no
+    hook and gives the pixels of ELA off; returns the off result for further checks."""
+    hooks_before = hook_counts(server)
+    off = server.txt2img(**payload)
+    failed = server.txt2img(**payload, **args)
+    assert hook_counts(server) == hooks_before
+    assert warning in infotext(failed)
+    assert pixels(failed["images"][0]) == pixels(off["images"][0])
+    return off
