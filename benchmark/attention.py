@@ -1,23 +1,23 @@
-"""Cross-attention probabilities of the layers ELA anchors on, recomputed by forward pre-hooks.
+"""Cross-attention maps of the layers ELA anchors on, while a model trains or samples.
 
-Used both by the gate (``localization.py``, no gradients) and by training's grounding loss (with
-gradients into ``to_q``/``to_k``): softmax(to_q(x) to_k(context)^T * scale) per head in fp32,
-averaged over heads and over the recorded layers.
+Used by the gate (``localization.py``, no gradients) and by training's grounding loss (gradients
+into ``to_q``/``to_k``). The layers and the maps are the engine's own (``ela_ext.capture``: the
+lowest-resolution up-block with cross-attention, ``softmax(Q K^T * scale)`` in fp32, heads
+averaged), so the model is trained and gated on exactly what ELA reads. Unlike the engine's
+``AttentionCapture``, which lives for one grad pass, this recorder stays on for a whole training
+run or sampling loop and records only while ``armed``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ela_ext.capture import layer_inputs, attention_probs, find_cross_attention_layers
+
 
 def anchor_layers(unet) -> list[torch.nn.Module]:
-    """attn2 modules of the first up-block (execution order = lowest resolution) that has any: the
-    engine's "lowest-resolution up-block with cross-attention"."""
-    for block in unet.up_blocks:
-        layers = [m for n, m in block.named_modules() if n.endswith("attn2")]
-        if layers:
-            return layers
-    raise ValueError("no up-block with cross-attention")
+    """The engine's default layers: the lowest-resolution up-block with cross-attention."""
+    return [module for _, module in find_cross_attention_layers(unet)]
 
 
 class AttentionRecorder:
@@ -28,15 +28,9 @@ class AttentionRecorder:
         self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in layers]
 
     def _hook(self, module, args, kwargs):
-        if not self.armed:
-            return
-        x = args[0] if args else kwargs["hidden_states"]
-        ctx = kwargs.get("encoder_hidden_states")
-        q, k = module.to_q(x).float(), module.to_k(ctx).float()
-        b, n, _ = q.shape
-        q = q.view(b, n, module.heads, -1).transpose(1, 2)
-        k = k.view(b, k.shape[1], module.heads, -1).transpose(1, 2)
-        self.maps.append((q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1))  # (B, HW, 77)
+        if self.armed:
+            hidden, context = layer_inputs(module, args, kwargs)
+            self.maps.append(attention_probs(module, hidden, context))  # (B, HW, 77)
 
     def take(self) -> torch.Tensor:
         """Mean over recorded layers, (B, HW, 77); clears the record."""

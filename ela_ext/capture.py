@@ -125,7 +125,7 @@ def find_cross_attention_layers(unet: nn.Module, choice: str = "up_lowest") -> l
     return chosen
 
 
-def _layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(hidden states, context) as ldm (``x, context=``) and diffusers (``encoder_hidden_states=``)
     pass them."""
     hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
@@ -202,7 +202,7 @@ class AttentionCapture:
 
     def _hook(self, index: int) -> Callable:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, context = _layer_inputs(module, args, kwargs)
+            hidden, context = layer_inputs(module, args, kwargs)
             if context is None:
                 return None
             self._probs[index] = attention_probs(module, hidden, context)
