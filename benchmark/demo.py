@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw
 from ela_ext.config import ElaConfig
 from ela_ext.diffusers_adapter import sample
 
-from .effect import DEFAULT_WEIGHTS, initial_noise, parse_seeds
+from .effect import DEFAULT_WEIGHTS, parse_seeds
 from .evaluate import evaluate
-from .model import decode, load_model
+from .model import decode, initial_noise, load_model
 from .scenes import parse_prompt
 
 SCALE = 4

@@ -27,7 +27,7 @@ from ela_ext.config import ElaConfig, replace
 from ela_ext.diffusers_adapter import sample
 
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
-from .model import LATENT_CHANNELS, LATENT_SIZE, decode, load_model
+from .model import decode, initial_noise, load_model
 from .scenes import parse_prompt
 
 HERE = Path(__file__).resolve().parent
@@ -59,12 +59,6 @@ class SettingResult:
     @property
     def correct(self) -> list[bool]:
         return [all(s == OK for s in image) for image in self.statuses]
-
-
-def initial_noise(seeds: Sequence[int]) -> torch.Tensor:
-    """One latent per seed, independent of batching: the pairing of off and on rests on it."""
-    return torch.stack([torch.randn(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE,
-                                    generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
 def run_setting(model: tuple, prompts: Sequence[str], seeds: Sequence[int], setting: str, config: ElaConfig,

@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 
+from ela_ext.config import ElaConfig
+from ela_ext.diffusers_adapter import sample
+
 from .attention import AttentionRecorder, anchor_layers
-from .evaluate import MERGED, MISSING, evaluate
 from .clip_tokenizer import encode
-from .model import encode_images, load_model
-from .sampling import sample
+from .evaluate import MERGED, MISSING, evaluate
+from .model import decode, encode_images, initial_noise, load_model
 from .scenes import held_out_prompts, prompt_text, training_scene
 from .train import ROOT, export
 
@@ -59,10 +61,14 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                 if i == capture_step + 1:
                     captured["maps"] = recorder.take()
 
-            images = sample(unet, text_encoder, tokenizer, scheduler_config, prompts, seed=seed + start,
-                            steps=steps, guidance=guidance, eta=eta, on_step=on_step)
+            seeds = range(seed + start, seed + start + len(chunk))
+            latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), prompts,
+                             ElaConfig(), initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
+                             generator=torch.Generator().manual_seed(seed + start),
+                             step_options={"eta": eta}, on_step=on_step).latents
+            images = decode(latents)
             all_images.append(images)
-            maps = captured["maps"][len(chunk):]  # conditional half
+            maps = captured["maps"][:len(chunk)]  # conditional rows
             side = int(round(maps.shape[1] ** 0.5))
             for objects, prompt, image, amap in zip(chunk, prompts, images, maps):
                 n_images += 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -129,3 +130,9 @@ def load_model(weights_path: Path | str):
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
     return unet, text_encoder, load_tokenizer(), dict(meta["scheduler_config"])
+
+
+def initial_noise(seeds: Sequence[int]) -> torch.Tensor:
+    """One latent per seed, independent of batching: the pairing of off and on rests on it."""
+    return torch.stack([torch.randn(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE,
+                                    generator=torch.Generator().manual_seed(seed)) for seed in seeds])

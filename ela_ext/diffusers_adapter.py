@@ -10,7 +10,7 @@ nowhere: the objects passed in are used through their public methods only (``set
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -68,14 +68,17 @@ def sampler_space(scheduler: Any, step_index: int, timestep: Any) -> SamplerSpac
 def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts: Sequence[str],
            config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
            entity_specs: Optional[Sequence[str]] = None, generator: Optional[torch.Generator] = None,
-           loop_options: Optional[dict[str, Any]] = None) -> SampleResult:
+           loop_options: Optional[dict[str, Any]] = None, step_options: Optional[dict[str, Any]] = None,
+           on_step: Optional[Callable[[int, Any], None]] = None) -> SampleResult:
     """Classifier-free guided sampling from ``latents`` (unit-variance noise), anchoring the
     conditional rows on the first UNet evaluation of each step inside the window.
 
     ``entity_specs``: one spec per prompt (default: ``config.entities`` for all). ``generator``
     drives an ancestral scheduler's noise; ``loop_options`` go to ``anchor_latent`` (the
-    benchmark's random-direction control). Raises the engine's EntitySpecError for a spec that
-    does not fit a prompt, before any sampling.
+    benchmark's random-direction control); ``step_options`` to ``scheduler.step`` (e.g. DDIM's
+    ``eta``). ``on_step(step_index, timestep)`` runs before each step's guided UNet forward, whose
+    batch is the conditional rows first, then the unconditional ones (e.g. to arm attention hooks).
+    Raises the engine's EntitySpecError for a spec that does not fit a prompt, before any sampling.
     """
     config = config.validated()
     specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)
@@ -92,9 +95,11 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
                 return unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond)
             latents = session.maybe_anchor(latents, sampler_space(scheduler, step_index, timestep),
                                            step_index, num_steps, forward, **(loop_options or {}))
+        if on_step is not None:
+            on_step(step_index, timestep)
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
         noise = unet(model_input, timestep, encoder_hidden_states=torch.cat([cond, uncond])).sample
         noise_cond, noise_uncond = noise.chunk(2)
         guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(guided, timestep, latents, generator=generator).prev_sample
+        latents = scheduler.step(guided, timestep, latents, generator=generator, **(step_options or {})).prev_sample
     return SampleResult(latents, session, targets)

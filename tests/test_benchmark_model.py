@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 from benchmark.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
 from benchmark.attention import anchor_layers
-from benchmark.model import ModelConfig, build_model, decode, encode_images, load_model
+from benchmark.model import ModelConfig, build_model, decode, encode_images, initial_noise, load_model
 from benchmark.scenes import training_scene
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "benchmark" / "weights" / "model.safetensors"
@@ -65,13 +65,23 @@ def test_eos_and_padding_columns_carry_no_caption(tokenizer):
 @pytest.mark.skipif(not WEIGHTS.exists(), reason="no committed weights: export with "
                     "`python -m benchmark.train --name RUN --export`")
 def test_committed_weights_sample_deterministically():
-    from benchmark.sampling import sample
+    from diffusers import DDIMScheduler
+    from ela_ext.config import ElaConfig
+    from ela_ext.diffusers_adapter import sample
     unet, text_encoder, tok, scheduler_config = load_model(WEIGHTS)
     prompts = ["a red circle and a blue square", "a star and a triangle"]
-    a = sample(unet, text_encoder, tok, scheduler_config, prompts, seed=7, steps=4)
-    b = sample(unet, text_encoder, tok, scheduler_config, prompts, seed=7, steps=4)
+
+    def images(eta):
+        latents = sample(unet, text_encoder, tok, DDIMScheduler(**scheduler_config), prompts, ElaConfig(),
+                         initial_noise([7, 8]), num_steps=4, generator=torch.Generator().manual_seed(7),
+                         step_options={"eta": eta}).latents
+        return decode(latents)
+
+    a, b = images(0.0), images(0.0)
     assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
+    ancestral = images(1.0)  # DDIM's fresh noise reaches the sampler through step_options
+    assert np.array_equal(ancestral, images(1.0)) and not np.array_equal(ancestral, a)
 
 
 def test_grounding_loss_rewards_attention_on_the_own_object(tokenizer):
