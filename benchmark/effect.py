@@ -2,7 +2,8 @@
 random-direction control, judged by the exact evaluator.
 
     python -m benchmark.effect [--prompts benchmark/prompts/test_prompts.txt] [--seeds 64 | 0,1,2]
-                               [--json] [--settings off,ela,random] [engine settings, e.g. --lambda 0.3]
+                               [--json] [--settings off,ela,random] [--workers 2]
+                               [engine settings, e.g. --lambda 0.3]
 
 Sampling goes through ``ela_ext.diffusers_adapter.sample``, the engine the WebUI script uses. Each
 setting sees the same initial noise per (prompt, seed), so results are paired: ``fixed`` counts
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -61,24 +65,56 @@ class SettingResult:
         return [all(s == OK for s in image) for image in self.statuses]
 
 
-def run_setting(model: tuple, prompts: Sequence[str], seeds: Sequence[int], setting: str, config: ElaConfig,
-                steps: int, guidance: float) -> SettingResult:
-    """Sample every prompt for all seeds (one batch per prompt) and evaluate each image."""
+def run_prompt(model: tuple, prompt_index: int, prompt: str, seeds: Sequence[int], setting: str,
+               config: ElaConfig, steps: int, guidance: float) -> tuple[list[list[str]], float]:
+    """One prompt for all seeds in one batch: the evaluator's statuses per image, and the seconds
+    sampling took. The random control's directions are seeded by the prompt's index."""
     from diffusers import DDIMScheduler
 
     unet, text_encoder, tokenizer, scheduler_config = model
+    options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
+               if setting == "random" else None)
+    start = time.perf_counter()
+    latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
+                     replace(config, enabled=setting != "off"), initial_noise(seeds), num_steps=steps,
+                     guidance_scale=guidance, loop_options=options).latents
+    seconds = time.perf_counter() - start
+    objects = parse_prompt(prompt)
+    return [evaluate(image, objects).status for image in decode(latents)], seconds
+
+
+_worker_model: Optional[tuple] = None
+
+
+def _load_worker_model(weights: Path) -> None:
+    global _worker_model
+    torch.set_num_threads(1)
+    _worker_model = load_model(weights)
+
+
+def _run_prompt_in_worker(job: tuple) -> tuple[list[list[str]], float]:
+    return run_prompt(_worker_model, *job)
+
+
+def worker_pool(weights: Path, workers: int) -> ProcessPoolExecutor:
+    """Processes that each load the model once and sample whole prompts on one thread (this machine
+    has one core per worker; two threads per process against a busy core are far slower)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_load_worker_model, initargs=(weights,))
+
+
+def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[int], setting: str,
+                config: ElaConfig, steps: int, guidance: float,
+                pool: Optional[ProcessPoolExecutor] = None) -> SettingResult:
+    """Sample every prompt for all seeds and evaluate each image, in this process with ``model`` or
+    prompt by prompt in ``pool``. Results come in prompt order either way, and ``seconds`` sums the
+    sampling time of each prompt, so seconds per image do not depend on the number of workers."""
+    jobs = [(index, prompt, list(seeds), setting, config, steps, guidance) for index, prompt in enumerate(prompts)]
+    outputs = pool.map(_run_prompt_in_worker, jobs) if pool is not None else (run_prompt(model, *job) for job in jobs)
     result = SettingResult(setting)
-    setting_config = replace(config, enabled=setting != "off")
-    for prompt_index, prompt in enumerate(prompts):
-        options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
-                   if setting == "random" else None)
-        start = time.perf_counter()
-        latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
-                         setting_config, initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
-                         loop_options=options).latents
-        result.seconds += time.perf_counter() - start
-        objects = parse_prompt(prompt)
-        result.statuses.extend(evaluate(image, objects).status for image in decode(latents))
+    for statuses, seconds in outputs:
+        result.statuses.extend(statuses)
+        result.seconds += seconds
     return result
 
 
@@ -135,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--workers", type=int, default=1, help="processes sampling prompts side by side, "
+                        "one thread each (at most one per free core)")
     for flag, name, kind in OVERRIDES:
         parser.add_argument(flag, dest=name, type=kind, default=None, help=f"ElaConfig.{name}")
     return parser
@@ -147,9 +185,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prompts = prompts[:args.limit_prompts] if args.limit_prompts else prompts
     seeds = parse_seeds(args.seeds)
     config = config_from_args(args)
-    model = load_model(args.weights)
-    results = [run_setting(model, prompts, seeds, setting, config, args.steps, args.guidance)
-               for setting in args.settings.split(",")]
+    model = load_model(args.weights) if args.workers <= 1 else None
+    with worker_pool(args.weights, args.workers) if model is None else nullcontext() as pool:
+        results = [run_setting(model, prompts, seeds, setting, config, args.steps, args.guidance, pool)
+                   for setting in args.settings.split(",")]
     rows = summary(results)
     if args.json:
         print(json.dumps({"config": config.to_infotext(), "prompts": len(prompts), "seeds": len(seeds),

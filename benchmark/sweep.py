@@ -2,7 +2,7 @@
 (the others at their defaults), each with its random-direction control, on the same prompts and
 seeds as the effect benchmark.
 
-    python -m benchmark.sweep [--seeds 32] [--limit-prompts 16] [--json]
+    python -m benchmark.sweep [--seeds 32] [--limit-prompts 16] [--json] [--workers 2]
         [--grid "lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2"]
 
 A value is worth choosing only where ELA beats both the baseline and its own control.
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, paired, parse_seeds, run_setting
+from .effect import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, paired, parse_seeds, run_setting, worker_pool
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR
 from .model import load_model
 
@@ -48,13 +49,20 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", default=DEFAULT_GRID)
     parser.add_argument("--no-control", action="store_true", help="skip the random-direction controls")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="processes sampling side by side, one thread each")
     args = parser.parse_args(argv)
+    with ExitStack() as stack:
+        run_sweep(args, stack)
+
+
+def run_sweep(args: argparse.Namespace, stack: ExitStack) -> None:
     torch.set_num_threads(1)
     prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][:args.limit_prompts]
     seeds = parse_seeds(args.seeds)
-    model = load_model(args.weights)
+    model = load_model(args.weights) if args.workers <= 1 else None
+    pool = stack.enter_context(worker_pool(args.weights, args.workers)) if model is None else None
     run = lambda setting, config: run_setting(model, prompts, seeds, setting, config, args.steps,  # noqa: E731
-                                              args.guidance)
+                                              args.guidance, pool)
     off = run("off", ElaConfig())
     rows = []
     for name, value in parse_grid(args.grid):

@@ -4,7 +4,11 @@ import json
 
 import pytest
 
-from benchmark.effect import DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, summary
+from ela_ext.config import ElaConfig
+
+from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, run_setting, summary,
+                              worker_pool)
+from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
 
 
@@ -26,6 +30,18 @@ def test_end_to_end_on_two_prompts_and_two_seeds(capsys):
     assert [row["setting"] for row in report["rows"]] == ["off", "ela", "random"]
     assert all(row["images"] == 4 for row in report["rows"])
     assert {"fixed", "broken", "time_vs_off"} <= set(report["rows"][1])
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_worker_processes_give_the_same_results_in_prompt_order():
+    prompts = ["a red circle and a blue square", "a star and a triangle", "a green cross and a white star"]
+    model = load_model(DEFAULT_WEIGHTS)
+    with worker_pool(DEFAULT_WEIGHTS, 2) as pool:
+        for setting in ("ela", "random"):  # the control's directions are seeded per prompt index
+            here = run_setting(model, prompts, [0, 1], setting, ElaConfig(), 6, 5.0)
+            there = run_setting(None, prompts, [0, 1], setting, ElaConfig(), 6, 5.0, pool)
+            assert there.statuses == here.statuses and len(there.statuses) == 6
+            assert there.seconds > 0
 
 
 def test_sweep_grid_is_typed_like_the_config():
