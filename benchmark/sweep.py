@@ -20,7 +20,7 @@ import torch
 from ela_ext.config import ElaConfig, replace
 
 from .effect import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, paired, parse_seeds, run_setting, worker_pool
-from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE
 from .model import load_model
 
 DEFAULT_GRID = ("lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2,0.4;max_iterations=1,5,10;"
@@ -72,14 +72,15 @@ def run_sweep(args: argparse.Namespace, stack: ExitStack) -> None:
         row = {"setting": f"{name}={value}", "both_correct": ela.rate(OK), "off": off.rate(OK),
                "control": control.rate(OK) if control else None, "fixed_broken": paired(off, ela),
                "missing": ela.rate(MISSING), "wrong_colour": ela.rate(WRONG_COLOUR), "merged": ela.rate(MERGED),
-               "time_vs_off": ela.seconds / off.seconds}
+               "wrong_shape": ela.rate(WRONG_SHAPE), "time_vs_off": ela.seconds / off.seconds}
         rows.append(row)
         if not args.json:
             control_text = f"{row['control']:7.1%}" if control else "    n/a"
             print(f"{row['setting']:24s} ela {row['both_correct']:6.1%}  off {row['off']:6.1%}  control "
                   f"{control_text}  fixed/broken {row['fixed_broken'][0]:3d}/{row['fixed_broken'][1]:3d}  "
                   f"missing {row['missing']:6.1%}  wrong colour {row['wrong_colour']:6.1%}  merged "
-                  f"{row['merged']:6.1%}  time {row['time_vs_off']:.2f}x", flush=True)
+                  f"{row['merged']:6.1%}  wrong shape {row['wrong_shape']:6.1%}  time {row['time_vs_off']:.2f}x",
+                  flush=True)
     if args.json:
         print(json.dumps({"prompts": len(prompts), "seeds": len(seeds), "off": off.rate(OK), "rows": rows}, indent=2))
 
