@@ -60,6 +60,11 @@ class SettingResult:
             return sum(all(s == OK for s in image) for image in self.statuses) / len(self.statuses)
         return sum(kind in image for image in self.statuses) / len(self.statuses)
 
+    def apart_rate(self) -> float:
+        """Images where every requested object is found as its own component (none missing or
+        merged), whatever its colour and shape: the separation ELA's masks ask for."""
+        return sum(not ({MISSING, MERGED} & set(image)) for image in self.statuses) / len(self.statuses)
+
     @property
     def correct(self) -> list[bool]:
         return [all(s == OK for s in image) for image in self.statuses]
@@ -130,7 +135,7 @@ def summary(results: list[SettingResult]) -> list[dict]:
     rows = []
     for result in results:
         n = len(result.statuses)
-        row = {"setting": result.name, "images": n, "both_correct": result.rate(OK),
+        row = {"setting": result.name, "images": n, "both_correct": result.rate(OK), "apart": result.apart_rate(),
                **{kind: result.rate(kind) for kind in FAILURES}, "seconds_per_image": result.seconds / n}
         if off is not None and result is not off:
             row["time_vs_off"] = result.seconds / off.seconds
@@ -140,14 +145,14 @@ def summary(results: list[SettingResult]) -> list[dict]:
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    header = (f"{'setting':8s} {'images':>6s} {'both ok':>8s} {'missing':>8s} {'wrong col':>9s} "
+    header = (f"{'setting':8s} {'images':>6s} {'both ok':>8s} {'apart':>6s} {'missing':>8s} {'wrong col':>9s} "
               f"{'merged':>7s} {'wrong shp':>9s} {'s/image':>8s} {'time/off':>8s} {'fixed':>6s} {'broken':>6s}")
     print(header, file=out)
     for row in rows:
         extra = (f"{row['time_vs_off']:7.2f}x {row['fixed']:6d} {row['broken']:6d}"
                  if "time_vs_off" in row else f"{'':8s} {'':6s} {'':6s}")
-        print(f"{row['setting']:8s} {row['images']:6d} {row['both_correct']:8.1%} {row[MISSING]:8.1%} "
-              f"{row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} {row[WRONG_SHAPE]:9.1%} "
+        print(f"{row['setting']:8s} {row['images']:6d} {row['both_correct']:8.1%} {row['apart']:6.1%} "
+              f"{row[MISSING]:8.1%} {row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} {row[WRONG_SHAPE]:9.1%} "
               f"{row['seconds_per_image']:8.3f} {extra}", file=out)
 
 

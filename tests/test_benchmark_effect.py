@@ -19,6 +19,7 @@ def test_paired_counts_and_rates_by_hand():
     rows = summary([off, ela])
     assert rows[0]["both_correct"] == 0.25 and rows[0][MERGED] == 0.25 and rows[0][MISSING] == 0.25
     assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
+    assert rows[0]["apart"] == 0.5 and rows[1]["apart"] == 0.75  # no object missing or merged
     assert (rows[1]["fixed"], rows[1]["broken"]) == (2, 1)
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9]
 
