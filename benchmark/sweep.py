@@ -78,7 +78,8 @@ def run_sweep(args: argparse.Namespace, stack: ExitStack) -> None:
         if not args.json:
             control_text = f"{row['control']:7.1%}" if control else "    n/a"
             print(f"{row['setting']:24s} ela {row['both_correct']:6.1%}  off {row['off']:6.1%}  control "
-                  f"{control_text}  apart {row['apart']:6.1%} (off {row['apart_off']:6.1%})  fixed/broken {row['fixed_broken'][0]:3d}/{row['fixed_broken'][1]:3d}  "
+                  f"{control_text}  apart {row['apart']:6.1%} (off {row['apart_off']:6.1%})  "
+                  f"fixed/broken {row['fixed_broken'][0]:3d}/{row['fixed_broken'][1]:3d}  "
                   f"missing {row['missing']:6.1%}  wrong colour {row['wrong_colour']:6.1%}  merged "
                   f"{row['merged']:6.1%}  wrong shape {row['wrong_shape']:6.1%}  time {row['time_vs_off']:.2f}x",
                   flush=True)
