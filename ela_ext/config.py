@@ -43,7 +43,7 @@ class ElaConfig:
     save_masks: bool = False
     # The paper's 16x16 first up-block with cross-attention (its Table 2).
     layers: str = "up_lowest"
-    # Otsu finds the background split without a tuned constant (method.md, step 1).
+    # Otsu splits each map (background, entity) without a tuned constant (method.md, step 1).
     binarization: str = "otsu"
 
     def validated(self) -> "ElaConfig":
@@ -137,7 +137,8 @@ FIELD_HELP: dict[str, str] = {
     "objective": "Loss that drives the update: ELA, or a related paper's objective.",
     "save_masks": "Save and show each image's attention maps and entity masks.",
     "layers": "Cross-attention layers whose maps are read (default: lowest-resolution up-block).",
-    "binarization": "How the start-of-text map is thresholded into background.",
+    "binarization": "How maps are thresholded: the start-of-text map into background, each "
+                    "entity's map into where it attends.",
 }
 
 INFOTEXT_KEYS: dict[str, str] = {

@@ -31,7 +31,7 @@ SLIDER_STEPS = {"lambda_weight": 0.05, "window_start": 0.05, "window_end": 0.05,
 LABELS = {"entities": "Entities", "lambda_weight": "Lambda (attenuation weight)", "window_start": "Window start",
           "window_end": "Window end", "max_iterations": "Iterations per step", "loss_threshold": "Loss threshold",
           "step_size": "Step size", "objective": "Objective", "save_masks": "Save mask grids",
-          "layers": "Layers", "binarization": "Background binarisation"}
+          "layers": "Layers", "binarization": "Binarisation"}
 
 DETECT_HELP = "Fill Entities with the entities detected in the prompt (what an empty Entities field uses)."
 TOKENS_HELP = ("The prompt's tokens as the model reads them: bold = entity, dashed = attribute. "
