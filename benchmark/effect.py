@@ -20,10 +20,10 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -108,6 +108,17 @@ def worker_pool(weights: Path, workers: int) -> ProcessPoolExecutor:
                                initializer=_load_worker_model, initargs=(weights,))
 
 
+@contextmanager
+def sampling_backend(weights: Path, workers: int) -> Iterator[tuple[Optional[tuple], Optional[ProcessPoolExecutor]]]:
+    """``(model, None)`` loaded in this process for one worker, else ``(None, pool)`` of ``workers``
+    processes, shut down on exit: the two arguments ``run_setting`` takes."""
+    if workers <= 1:
+        yield load_model(weights), None
+    else:
+        with worker_pool(weights, workers) as pool:
+            yield None, pool
+
+
 def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[int], setting: str,
                 config: ElaConfig, steps: int, guidance: float,
                 pool: Optional[ProcessPoolExecutor] = None) -> SettingResult:
@@ -190,8 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prompts = prompts[:args.limit_prompts] if args.limit_prompts else prompts
     seeds = parse_seeds(args.seeds)
     config = config_from_args(args)
-    model = load_model(args.weights) if args.workers <= 1 else None
-    with worker_pool(args.weights, args.workers) if model is None else nullcontext() as pool:
+    with sampling_backend(args.weights, args.workers) as (model, pool):
         results = [run_setting(model, prompts, seeds, setting, config, args.steps, args.guidance, pool)
                    for setting in args.settings.split(",")]
     rows = summary(results)

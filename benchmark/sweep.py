@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, paired, parse_seeds, run_setting, worker_pool
+from .effect import (DEFAULT_PROMPTS, DEFAULT_WEIGHTS, SettingResult, paired, parse_seeds, run_setting,
+                     sampling_backend)
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE
-from .model import load_model
 
 DEFAULT_GRID = ("lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2,0.4;max_iterations=1,5,10;"
                 "window_end=0.2,0.3,0.5;binarization=otsu,mean")
@@ -51,31 +50,33 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="processes sampling side by side, one thread each")
     args = parser.parse_args(argv)
-    with ExitStack() as stack:
-        run_sweep(args, stack)
-
-
-def run_sweep(args: argparse.Namespace, stack: ExitStack) -> None:
     torch.set_num_threads(1)
     prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][:args.limit_prompts]
     seeds = parse_seeds(args.seeds)
-    model = load_model(args.weights) if args.workers <= 1 else None
-    pool = stack.enter_context(worker_pool(args.weights, args.workers)) if model is None else None
-    run = lambda setting, config: run_setting(model, prompts, seeds, setting, config, args.steps,  # noqa: E731
-                                              args.guidance, pool)
+    with sampling_backend(args.weights, args.workers) as (model, pool):
+        rows, off = sweep(lambda setting, config: run_setting(model, prompts, seeds, setting, config, args.steps,
+                                                             args.guidance, pool),
+                          parse_grid(args.grid), args.no_control, args.json)
+    if args.json:
+        print(json.dumps({"prompts": len(prompts), "seeds": len(seeds), "off": off.rate(OK), "rows": rows}, indent=2))
+
+
+def sweep(run, grid: list[tuple[str, object]], no_control: bool, quiet: bool) -> tuple[list[dict], SettingResult]:
+    """The baseline, then ELA (and its control unless ``no_control``) at each grid point; each row
+    printed as it comes unless ``quiet``. ``run(setting, config)`` samples the whole prompt set."""
     off = run("off", ElaConfig())
     rows = []
-    for name, value in parse_grid(args.grid):
+    for name, value in grid:
         config = replace(ElaConfig(), **{name: value})
         ela = run("ela", config)
-        control = None if args.no_control else run("random", config)
+        control = None if no_control else run("random", config)
         row = {"setting": f"{name}={value}", "both_correct": ela.rate(OK), "off": off.rate(OK),
                "apart": ela.apart_rate(), "apart_off": off.apart_rate(),
                "control": control.rate(OK) if control else None, "fixed_broken": paired(off, ela),
                "missing": ela.rate(MISSING), "wrong_colour": ela.rate(WRONG_COLOUR), "merged": ela.rate(MERGED),
                "wrong_shape": ela.rate(WRONG_SHAPE), "time_vs_off": ela.seconds / off.seconds}
         rows.append(row)
-        if not args.json:
+        if not quiet:
             control_text = f"{row['control']:7.1%}" if control else "    n/a"
             print(f"{row['setting']:24s} ela {row['both_correct']:6.1%}  off {row['off']:6.1%}  control "
                   f"{control_text}  apart {row['apart']:6.1%} (off {row['apart_off']:6.1%})  "
@@ -83,8 +84,7 @@ def run_sweep(args: argparse.Namespace, stack: ExitStack) -> None:
                   f"missing {row['missing']:6.1%}  wrong colour {row['wrong_colour']:6.1%}  merged "
                   f"{row['merged']:6.1%}  wrong shape {row['wrong_shape']:6.1%}  time {row['time_vs_off']:.2f}x",
                   flush=True)
-    if args.json:
-        print(json.dumps({"prompts": len(prompts), "seeds": len(seeds), "off": off.rate(OK), "rows": rows}, indent=2))
+    return rows, off
 
 
 if __name__ == "__main__":
