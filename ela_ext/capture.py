@@ -91,14 +91,14 @@ def find_cross_attention_layers(unet: nn.Module, choice: str = "up_lowest") -> l
     ``up_lowest+mid``: those and the middle block; ``mid``; ``up_all``; ``down_lowest``: the
     deepest down level with cross-attention.
     """
-    located = []
-    for name, module in unet.named_modules():
-        if is_cross_attention(name, module):
-            where = _locate(unet, name)
-            if where is not None:
-                located.append((where, name, module))
-    if not located:
+    cross_attention = [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
+    if not cross_attention:
         raise CaptureError("no cross-attention layer (attn2 with to_q/to_k) found in this model")
+    located = [(where, name, module) for name, module in cross_attention
+               if (where := _locate(unet, name)) is not None]
+    if not located:
+        raise CaptureError(f"cross-attention layers in an unknown UNet layout (e.g. {cross_attention[0][0]}; "
+                           "expected input/middle/output_blocks or down/mid/up_blocks)")
     up_levels = [level for (region, level), _, _ in located if region == "up"]
     down_levels = [level for (region, level), _, _ in located if region == "down"]
 

@@ -5,7 +5,8 @@ It owns what outlives a single step: the chosen layers, the entity targets per i
 log, the maps for the mask grids and the warnings. Hooks live only inside ``maybe_anchor``; any
 failure there (a non-finite value, out of memory, a bug) is logged once, the latent is returned
 unchanged and anchoring stops for the rest of the generation, so the image is what it would have
-been with ELA off from that step on.
+been with ELA off from that step on. A UNet whose cross-attention layers cannot be found is
+warned about once and never anchored.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from .anchoring import AnchorResult, SamplerSpace, anchor_latent, in_window
-from .capture import AttentionCapture, find_cross_attention_layers, run_truncated
+from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated
 from .config import ElaConfig
 from .mask_grid import mask_grid
 from .tokens import EntityColumns
@@ -41,10 +42,16 @@ class AnchoringSession:
     def __init__(self, unet: nn.Module, config: ElaConfig, targets: Sequence[EntityColumns]):
         self.config = config.validated()
         self.targets = list(targets)
-        self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
         self.steps: list[StepLog] = []
         self.warnings: list[str] = []
         self.failed = False
+        try:
+            self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
+        except CaptureError as error:
+            # A model without cross-attention, or with a layout we cannot place (a new family).
+            self.layers = []
+            self.failed = True
+            self.warn(f"{error}: image left unanchored")
         self._fallbacks: Counter[tuple[int, str]] = Counter()
         self._first: Optional[AnchorResult] = None
         self._last: Optional[AnchorResult] = None
