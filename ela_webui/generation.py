@@ -16,6 +16,7 @@ from ela_webui.prompts import entity_phrases, first_sub_prompt, scheduled_texts
 from ela_webui.sampling import AnchoredPass, ImageEntities
 
 logger = logging.getLogger("ela")
+HIRES_PREFIX = "hires_"
 
 
 def schedule_steps(p) -> tuple[int, Optional[int]]:
@@ -45,7 +46,9 @@ class ElaRun:
     def __init__(self, config: ElaConfig):
         self.config = config
         self.passes: list[AnchoredPass] = []
+        # Image index -> its first-pass and its hires-pass sampling (each batch has its own).
         self.first_pass: dict[int, AnchoredPass] = {}
+        self.hires_pass: dict[int, AnchoredPass] = {}
         self.specs: dict[int, str] = {}
         self.warnings: dict[int, list[str]] = defaultdict(list)
         self._logged: set[str] = set()
@@ -79,11 +82,14 @@ class ElaRun:
         if images:
             anchored = AnchoredPass(self, p, images)
             self.passes.append(anchored)
+            by_image = self.hires_pass if getattr(p, "is_hr_pass", False) else self.first_pass
             for image in images:
-                self.first_pass.setdefault(image.index, anchored)
+                by_image.setdefault(image.index, anchored)
 
-    def _session(self, index: int):
-        anchored = self.first_pass.get(index)
+    @staticmethod
+    def _session(index: int, passes: dict[int, AnchoredPass]):
+        """(session, row) that anchored image ``index`` in one of ``passes``, or None."""
+        anchored = passes.get(index)
         return anchored.image_sessions.get(index) if anchored else None
 
     # Infotext values: the WebUI calls these with create_infotext's locals (see ``image_index``).
@@ -93,15 +99,25 @@ class ElaRun:
         return replace(self.config, entities=entities).to_infotext()
 
     def log_infotext(self, p, index: int, all_seeds: list, **_) -> Optional[str]:
-        found = self._session(image_index(p, index, all_seeds))
-        return found[0].infotext_summary() if found else None
+        """The first pass's loss summary, then the hires pass's with each key prefixed ``hires_``
+        (``steps=3;...;hires_steps=2;hires_updates=..``); None when neither pass was anchored."""
+        index = image_index(p, index, all_seeds)
+        first, hires = self._session(index, self.first_pass), self._session(index, self.hires_pass)
+        parts = [first[0].infotext_summary() if first else "steps=0"]
+        if hires:
+            parts += [HIRES_PREFIX + item for item in hires[0].infotext_summary().split(";")]
+        return ";".join(parts) if first or hires else None
 
     def warnings_infotext(self, p, index: int, all_seeds: list, **_) -> Optional[str]:
+        """This image's warnings; a hires-pass warning says so (``hires pass: ...``)."""
         index = image_index(p, index, all_seeds)
-        found = self._session(index)
-        messages = self.warnings.get(index, []) + (found[0].warnings_for(found[1]) if found else [])
+        messages = list(self.warnings.get(index, []))
+        for passes, prefix in ((self.first_pass, ""), (self.hires_pass, "hires pass: ")):
+            found = self._session(index, passes)
+            if found:
+                messages += [prefix + message for message in found[0].warnings_for(found[1])]
         return "; ".join(dict.fromkeys(messages)) or None
 
     def mask_grid(self, index: int) -> Optional[Image.Image]:
-        found = self._session(index)
+        found = self._session(index, self.first_pass)
         return found[0].mask_grid(found[1]) if found else None

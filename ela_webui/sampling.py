@@ -13,6 +13,7 @@ the same in both; only the conditional UNet branch differs (``LdmModel``, ``forg
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -33,7 +34,7 @@ from ela_webui.prompts import Resolved, resolve, text_at_step
 logger = logging.getLogger("ela")
 
 
-def first_evaluation_step(denoiser, sampler) -> Optional[int]:
+def first_evaluation_step(denoiser, sampler_func) -> Optional[int]:
     """The sampling step that this denoiser call starts, or None for a later evaluation of a step.
 
     A write into ``x`` is carried on only at a step's first evaluation (host.md measured it:
@@ -44,7 +45,7 @@ def first_evaluation_step(denoiser, sampler) -> Optional[int]:
     call = denoiser.step
     if denoiser.total_steps != denoiser.steps:
         return None if call % 2 else call // 2
-    if getattr(sampler, "func", None) is sd_samplers_timesteps_impl.plms:
+    if sampler_func is sd_samplers_timesteps_impl.plms:
         return None if call == 1 else max(call - 1, 0)
     return call
 
@@ -143,11 +144,35 @@ class AnchoredPass:
         self._resolved: dict[tuple[int, str], Optional[Resolved]] = {}
         self._original_forward = self.denoiser.forward
         self.denoiser.forward = self.forward
+        self.sampler_func = p.sampler.func
+        self.steps_run: Optional[int] = None
+        p.sampler.func = self._reading_the_schedule(self.sampler_func)
+
+    def _reading_the_schedule(self, sampler_func):
+        """The sampler's own function, noting the length of the schedule it is called with.
+
+        The window counts over the steps actually run: img2img and the hires pass run only the
+        last part of a schedule (``int(strength * steps) + 1`` steps for k-diffusion samplers), and
+        A1111's DDIM / PLMS img2img run fewer steps than the denoiser's ``steps`` announces. The
+        wrapper keeps the function's signature: the WebUI passes ``sigmas`` only to a function
+        whose signature names it.
+        """
+        @functools.wraps(sampler_func)
+        def sample(*args, **kwargs):
+            schedule = kwargs.get("sigmas", kwargs.get("timesteps"))
+            if schedule is not None:
+                self.steps_run = len(schedule) - 1
+            return sampler_func(*args, **kwargs)
+        return sample
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_run or self.denoiser.steps
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         recorder = debug.CallRecord(x) if debug.ENABLED else None
-        step = first_evaluation_step(self.denoiser, self.p.sampler)
-        if not self.stopped and step is not None and in_window(step, self.denoiser.steps, self.config):
+        step = first_evaluation_step(self.denoiser, self.sampler_func)
+        if not self.stopped and step is not None and in_window(step, self.total_steps, self.config):
             try:
                 self.anchor(x, sigma, cond, image_cond, step)
             except Exception as error:  # noqa: BLE001 - our failure must not fail the generation
@@ -187,7 +212,7 @@ class AnchoredPass:
                     latent = debug.inject_fault(latent, step)
                 return self.model.conditional_branch(latent, row_sigma, row_text_cond, row_image_cond)
 
-            updated = session.maybe_anchor(rows, space, step, self.denoiser.steps, conditional_branch)
+            updated = session.maybe_anchor(rows, space, step, self.total_steps, conditional_branch)
         if updated is not rows:
             x.index_copy_(0, index, updated.to(x.dtype))
 

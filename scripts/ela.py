@@ -18,7 +18,7 @@ from modules.ui_components import InputAccordion
 
 from ela_ext.config import (API_FIELDS, BINARIZATION_CHOICES, FIELD_BOUNDS, FIELD_HELP, LAYER_CHOICES,
                             OBJECTIVE_NAMES, ConfigError, ElaConfig)
-from ela_webui import debug, routes
+from ela_webui import debug, routes, xyz
 from ela_webui.generation import ElaRun
 
 TITLE = "Entity Anchoring (ELA)"
@@ -28,7 +28,7 @@ logger = logging.getLogger("ela")
 
 SLIDER_STEPS = {"lambda_weight": 0.05, "window_start": 0.05, "window_end": 0.05, "max_iterations": 1,
                 "loss_threshold": 0.01, "step_size": 0.01}
-LABELS = {"entities": "Entities", "lambda_weight": "Lambda (attenuation weight)", "window_start": "Window start",
+LABELS = {"enabled": "Enabled", "entities": "Entities", "lambda_weight": "Lambda (attenuation weight)", "window_start": "Window start",
           "window_end": "Window end", "max_iterations": "Iterations per step", "loss_threshold": "Loss threshold",
           "step_size": "Step size", "objective": "Objective", "save_masks": "Save mask grids",
           "layers": "Layers", "binarization": "Binarisation"}
@@ -103,13 +103,23 @@ class ElaScript(scripts.Script):
                          value=getattr(defaults, name), elem_id=self.elem_id(name))
 
     def process(self, p, *args):
-        """Read the settings; when on, put the run on ``p`` and its infotext keys on the images."""
+        """Read the settings (an X/Y/Z plot cell's ELA axes over the accordion's); when on, put
+        the run on ``p`` and its infotext keys on the images.
+
+        The keys go into a copy of ``extra_generation_params``: the X/Y/Z plot's cells share one
+        dict, and an ELA-on cell must not leave its keys on the next, ELA-off, cell.
+        """
+        axis_values = xyz.axis_values(p)
         try:
             config = ElaConfig.from_args(args)
+            if axis_values:
+                config = ElaConfig.from_mapping({**dict(zip(API_FIELDS, config.as_args())), **axis_values})
         except ConfigError as error:
-            if args and str(args[0]).strip().lower() in ("true", "1"):  # the API may send "true"
+            asked = axis_values.get("enabled", args[0] if args else False)
+            if str(asked).strip().lower() in ("true", "1"):  # the API may send "true"
                 logger.warning("ELA: %s: generating without ELA", error)
-                p.extra_generation_params[f"{INFOTEXT_KEY} warnings"] = f"{error}: generated without ELA"
+                p.extra_generation_params = {**p.extra_generation_params,
+                                             f"{INFOTEXT_KEY} warnings": f"{error}: generated without ELA"}
             return
         if not config.enabled:
             return
@@ -117,9 +127,9 @@ class ElaScript(scripts.Script):
         setattr(p, RUN_ATTRIBUTE, run)
         if debug.ENABLED:
             debug.start_generation()
-        p.extra_generation_params[INFOTEXT_KEY] = run.settings_infotext
-        p.extra_generation_params[f"{INFOTEXT_KEY} log"] = run.log_infotext
-        p.extra_generation_params[f"{INFOTEXT_KEY} warnings"] = run.warnings_infotext
+        p.extra_generation_params = {**p.extra_generation_params, INFOTEXT_KEY: run.settings_infotext,
+                                     f"{INFOTEXT_KEY} log": run.log_infotext,
+                                     f"{INFOTEXT_KEY} warnings": run.warnings_infotext}
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         """Called once ``p.sampler`` exists, for every batch and again for its hires pass."""
@@ -156,3 +166,4 @@ def _attribute(text: str) -> str:
 
 
 script_callbacks.on_app_started(routes.register)
+xyz.add_axes_when_loaded(LABELS)

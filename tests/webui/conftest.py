@@ -10,8 +10,8 @@ import pytest
 # The checks shared in webui_host.py assert too: pytest explains their failures as it does a test's.
 pytest.register_assert_rewrite("webui_host")
 
-from webui_host import (BASELINE_PAYLOADS, WebUI, checkout_in_extensions, images_without_extension,  # noqa: E402
-                        webui_root_or_skip)
+from webui_host import (BASELINES, WebUI, checkout_in_extensions, images_without_extension,  # noqa: E402
+                        use_model, webui_root_or_skip)
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +27,27 @@ def workdir():
 
 @pytest.fixture(scope="session")
 def absent_images(webui_root, workdir):
-    """Images from a host WITHOUT the extension for BASELINE_PAYLOADS, or None where the checkout is
-    linked by someone else (then it cannot be absent). Requested by `host` so it runs first."""
-    return images_without_extension(WebUI, webui_root, workdir, BASELINE_PAYLOADS)
+    """Images from a host WITHOUT the extension for BASELINES, or None where the checkout is
+    linked by someone else (then it cannot be absent). Requested by `webui` so it runs first."""
+    return images_without_extension(WebUI, webui_root, workdir, BASELINES)
 
 
 @pytest.fixture(scope="session")
-def host(webui_root, workdir, absent_images):
+def webui(webui_root, workdir, absent_images):
     """The WebUI with the extension linked, its UI built and its debug routes on (ELA_DEBUG=1)."""
     with checkout_in_extensions(webui_root), WebUI(webui_root, workdir, "with-ela", {"ELA_DEBUG": "1"},
                                                    with_ui=True, ready_path="/ela/v1/debug/hooks") as server:
         yield server
+
+
+@pytest.fixture
+def host(webui):
+    """The WebUI with the tiny SD1 checkpoint loaded."""
+    return use_model(webui, "sd1")
+
+
+@pytest.fixture
+def model_host(webui, request):
+    """The WebUI with ``request.param``'s checkpoint loaded (parametrise with indirect=True over
+    webui_host.CHECKPOINTS); skips where the host lacks it."""
+    return use_model(webui, request.param)

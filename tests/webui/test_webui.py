@@ -17,11 +17,13 @@ import pytest
 
 from ela_ext.config import ElaConfig
 
-from webui_host import (BASELINE_PAYLOADS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
-                        assert_bad_input_gives_the_off_image, assert_off_is_byte_identical_to_no_extension,
-                        assert_on_changes_the_image_and_the_loss_falls,
+from webui_host import (BASELINES, CHECKPOINTS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
+                        assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor,
+                        assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
                         assert_sampler_continues_from_the_anchored_latent, decode_image, ela_args, hook_counts,
-                        infotext, pixels, txt2img_payload)
+                        assert_no_failure, infotext, pixels, txt2img_payload, use_model)
+
+MODELS = list(CHECKPOINTS)
 
 
 def test_script_is_always_on_with_args_in_config_order(host):
@@ -32,20 +34,23 @@ def test_script_is_always_on_with_args_in_config_order(host):
     assert [arg["value"] for arg in args] == ElaConfig().as_args()
 
 
-@pytest.mark.parametrize("sampler", list(BASELINE_PAYLOADS))
-def test_off_is_byte_identical_to_no_extension(host, absent_images, sampler):
-    assert_off_is_byte_identical_to_no_extension(host, BASELINE_PAYLOADS[sampler], absent_images, sampler)
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_off_is_byte_identical_to_no_extension(webui, absent_images, name):
+    model, payload = BASELINES[name]
+    assert_off_is_byte_identical_to_no_extension(use_model(webui, model), payload, absent_images, name)
 
 
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_on_changes_the_image_and_the_loss_falls(host, sampler):
-    assert_on_changes_the_image_and_the_loss_falls(host, sampler)
+def test_on_changes_the_image_and_the_loss_falls(model_host, sampler):
+    assert_on_changes_the_image_and_the_loss_falls(model_host, sampler)
 
 
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
 @pytest.mark.parametrize("sampler, history", SAMPLER_HISTORIES)
-def test_sampler_continues_from_the_anchored_latent(host, sampler, history):
+def test_sampler_continues_from_the_anchored_latent(model_host, sampler, history):
     """The write must reach the sampler's own state, not only the UNet (the fit: see webui_host)."""
-    assert_sampler_continues_from_the_anchored_latent(host, sampler, history)
+    assert_sampler_continues_from_the_anchored_latent(model_host, sampler, history)
 
 
 @pytest.mark.parametrize("prompt, args, warning", [
@@ -76,16 +81,16 @@ def test_and_prompt_anchors_the_first_sub_prompt(host):
     assert host.get("/ela/v1/debug/calls")["steps"]
 
 
-def test_batch_hires_and_img2img_anchor_every_image(host):
+def test_batch_anchors_every_image(host):
     batch = host.txt2img(**txt2img_payload("Euler a", batch_size=2, n_iter=2, **SIZE), **ela_args())
     assert len(batch["images"]) == 4
     assert all("ELA log: steps=3;" in text for text in batch["info"]["infotexts"])
-    hires = host.txt2img(**txt2img_payload("DPM++ 2M", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
-                                           denoising_strength=0.6, **SIZE), **ela_args())
-    assert "ELA log: steps=3;" in infotext(hires)
-    img2img = host.post("/sdapi/v1/img2img", {**txt2img_payload("Euler a", **SIZE), "init_images": batch["images"][:1],
-                                              "denoising_strength": 0.8, **ela_args()})
-    assert "ELA log: steps=" in img2img["info"]
+
+
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
+def test_hires_and_img2img_anchor(model_host, sampler):
+    assert_hires_and_img2img_anchor(model_host, sampler)
 
 
 @pytest.fixture
@@ -265,3 +270,86 @@ def test_skip_inside_the_window_ends_that_image_only(host, reference):
     alone = host.txt2img(**{**long, "seed": long["seed"] + 1}, **late_window)
     assert pixels(result["images"][1]) == pixels(alone["images"][0])
     _assert_nothing_left_behind(host, reference)
+
+
+XYZ_SCRIPT = "x/y/z plot"
+
+
+def xyz_axis(server, label: str, img2img: bool = False) -> int:
+    """The axis type index the X/Y/Z plot's API takes, as /sdapi/v1/script-info lists its axes."""
+    (script,) = [script for script in server.get("/sdapi/v1/script-info")
+                 if script["name"] == XYZ_SCRIPT and script["is_img2img"] == img2img]
+    return script["args"][0]["choices"].index(label)
+
+
+def xyz_args(x: tuple[int, str, list], y: tuple[int, str, list] = (0, "", [])) -> dict:
+    """``script_args`` of the X/Y/Z plot: each axis (type index, typed values, dropdown values);
+    legend on, each cell's own image returned after the grid, seeds kept."""
+    return {"script_name": XYZ_SCRIPT,
+            "script_args": [*x, *y, 0, "", [], True, True, False, False, False, False, False, 0, False]}
+
+
+def xyz_cells(result: dict) -> list[tuple[str, str]]:
+    """(image, infotext) of each cell: the response holds the grid first, then the cells."""
+    return list(zip(result["images"][1:], result["info"]["infotexts"][1:]))
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_xyz_enabled_and_lambda_axes_override_the_accordion_per_cell(host, img2img):
+    payload = txt2img_payload("Euler a", **SIZE)
+    if img2img:
+        payload = {**payload, "init_images": [host.txt2img(**payload)["images"][0]], "denoising_strength": 0.8}
+    generate = host.img2img if img2img else host.txt2img
+    enabled = xyz_axis(host, "[ELA] Enabled", img2img)
+    lambda_axis = xyz_axis(host, "[ELA] Lambda (attenuation weight)", img2img)
+    # The accordion is off; the X axis turns ELA on for half of the cells.
+    grid = generate(**payload, **ela_args(enabled=False),
+                    **xyz_args((enabled, "", ["False", "True"]), (lambda_axis, "0.2, 0.6", [])))
+    cells = xyz_cells(grid)
+    assert len(cells) == 4
+    plain_off = pixels(generate(**payload)["images"][0])
+    off_cells = [image for image, text in cells if "ELA" not in text]
+    assert len(off_cells) == 2 and all(pixels(image) == plain_off for image in off_cells)
+    on_cells = {weight: (image, text) for weight in (0.2, 0.6) for image, text in cells
+                if f"ELA: entities={SPEC};lambda={weight};" in text}
+    assert set(on_cells) == {0.2, 0.6}
+    for weight, (image, text) in on_cells.items():
+        assert "ELA log: steps=" in text and "ELA log: steps=0" not in text
+        # A cell is the image the accordion would give with the same values.
+        assert pixels(image) == pixels(generate(**payload, **ela_args(lambda_weight=weight))["images"][0])
+    assert pixels(on_cells[0.2][0]) != pixels(on_cells[0.6][0])
+
+
+def test_xyz_objective_dropdown_and_entities_axes(host):
+    objective = xyz_axis(host, "[ELA] Objective")
+    entities = xyz_axis(host, "[ELA] Entities")
+    grid = host.txt2img(**txt2img_payload("Euler a", **SIZE), **ela_args(),
+                        **xyz_args((objective, "", ["ela", "iou"]), (entities, f"{SPEC}, cat | frog", [])))
+    texts = [text for _, text in xyz_cells(grid)]
+    assert len(texts) == 4
+    for spec in (SPEC, "cat | frog"):
+        for name in ("ela", "iou"):
+            (text,) = [text for text in texts if f"ELA: entities={spec};" in text and f";objective={name};" in text]
+            assert "ELA log: steps=" in text
+            assert_no_failure(text)
+
+
+@pytest.mark.parametrize("label, values, fragment", [
+    ("[ELA] Window start", "0.1", ";start=0.1;"),
+    ("[ELA] Window end", "0.8", ";end=0.8;"),
+    ("[ELA] Iterations per step", "2", ";iters=2;"),
+    ("[ELA] Step size", "0.25", ";step=0.25;"),
+    ("[ELA] Loss threshold", "0.2", ";threshold=0.2;"),
+])
+def test_xyz_numeric_axes_land_in_the_cell_infotext(host, label, values, fragment):
+    grid = host.txt2img(**txt2img_payload("Euler a", **SIZE), **ela_args(), **xyz_args((xyz_axis(host, label), values, [])))
+    ((_, text),) = xyz_cells(grid)
+    assert fragment in text and "ELA log: steps=" in text, text
+
+
+def test_xyz_out_of_range_value_warns_and_gives_the_off_image(host):
+    payload = txt2img_payload("Euler a", **SIZE)
+    grid = host.txt2img(**payload, **ela_args(), **xyz_args((xyz_axis(host, "[ELA] Lambda (attenuation weight)"), "5", [])))
+    ((image, text),) = xyz_cells(grid)
+    assert "lambda_weight must be in [0.0, 1.0], got 5.0: generated without ELA" in text
+    assert pixels(image) == pixels(host.txt2img(**payload)["images"][0])

@@ -63,8 +63,9 @@ class WebUI:
     """One running WebUI process and the stdlib HTTP calls the tests make to it."""
 
     def __init__(self, root: Path, workdir: Path, name: str, env: dict[str, str], with_ui: bool = False,
-                 ready_path: str = "/sdapi/v1/sd-models"):
-        """Start it; ``with_ui`` builds the Gradio UI too (needed for infotext paste fields).
+                 ready_path: str = "/sdapi/v1/sd-models", extra_flags: tuple[str, ...] = ()):
+        """Start it; ``with_ui`` builds the Gradio UI too (needed for infotext paste fields);
+        ``extra_flags`` are more WebUI flags (an attention backend, an embeddings folder).
 
         With the UI the server answers (404) before the API routes exist, and extensions' routes
         come last (``on_app_started``): it is ready once GET ``ready_path`` answers 200.
@@ -76,10 +77,11 @@ class WebUI:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{name}.log"
+        self.checkpoint: str | None = None  # the one use_model last loaded (None: the start one)
         launch_env = {**os.environ, "ROOT": str(root), "PORT": str(self.port), "LOG": str(self.log),
                       "OMP_NUM_THREADS": "1", **env}
         flags = ["--ui-settings-file", str(workdir / f"{name}-config.json"),
-                 "--ui-config-file", str(workdir / f"{name}-ui-config.json"), "--no-prompt-history"]
+                 "--ui-config-file", str(workdir / f"{name}-ui-config.json"), "--no-prompt-history", *extra_flags]
         started = subprocess.run(["bash", str(RUN_SH), *flags, *([] if with_ui else ["--nowebui"])],
                                  env=launch_env, capture_output=True, text=True, check=True)
         self.pid = int(started.stdout.strip().splitlines()[-1])
@@ -153,8 +155,34 @@ class WebUI:
         result["info"] = json.loads(result["info"])
         return result
 
+    def img2img(self, **fields) -> dict:
+        result = self.post("/sdapi/v1/img2img", fields)
+        result["info"] = json.loads(result["info"])
+        return result
+
     def png_info(self, image_b64: str) -> dict:
         return self.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + image_b64})
+
+    def has_checkpoint(self, checkpoint: str) -> bool:
+        return any(Path(model["filename"]).name == checkpoint for model in self.get("/sdapi/v1/sd-models"))
+
+
+# The tiny checkpoints the prepared hosts hold (real-host/setup.sh: all three; forge-host: sd1 and
+# sdxl), by the name the tests use. The first is what a host starts with.
+CHECKPOINTS = {"sd1": "tiny-sd1.safetensors", "sd2-v": "tiny-sd2-v.safetensors", "sdxl": "tiny-sdxl.safetensors"}
+
+
+def use_model(server: WebUI, model: str) -> WebUI:
+    """``server`` with ``model``'s checkpoint loaded (POST /sdapi/v1/options, as a user switches);
+    skips, saying so, where the host was prepared without it."""
+    checkpoint = CHECKPOINTS[model]
+    if server.checkpoint != checkpoint:
+        if not server.has_checkpoint(checkpoint):
+            pytest.skip(f"{checkpoint} is not in {server.root}/webui/models/Stable-diffusion: "
+                        f"prepare the host with the current setup.sh to run the {model} tests")
+        server.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
+        server.checkpoint = checkpoint
+    return server
 
 
 def link_checkout(root: Path) -> Path | None:
@@ -185,20 +213,26 @@ def checkout_in_extensions(root: Path) -> Iterator[None]:
 
 
 def images_without_extension(host_class: type[WebUI], root: Path, workdir: Path,
-                             payloads: dict[str, dict]) -> dict[str, str] | None:
-    """The first image of each payload (same keys) from a host WITHOUT the extension, started as
-    ``host_class`` under the name "absent"; None where the checkout is linked by someone else (then
-    it cannot be absent). What the ``absent_images`` fixtures return."""
+                             baselines: dict[str, tuple[str, dict]]) -> dict[str, str] | None:
+    """The first image of each ``(model, payload)`` (same keys) from a host WITHOUT the extension,
+    started as ``host_class`` under the name "absent", for the models the host has; None where the
+    checkout is linked by someone else (then it cannot be absent). What ``absent_images`` returns."""
     if checkout_linked(root):
         return None
+    images = {}
     with host_class(root, workdir, "absent", {}) as server:
-        return {name: server.txt2img(**payload)["images"][0] for name, payload in payloads.items()}
+        for name, (model, payload) in baselines.items():
+            if server.has_checkpoint(CHECKPOINTS[model]):
+                images[name] = use_model(server, model).txt2img(**payload)["images"][0]
+    return images
 
 
 def absent_image_or_skip(absent_images: dict[str, str] | None, name: str) -> str:
-    """The extension-free image for payload ``name``; skips where there is none to compare with."""
+    """The extension-free image for baseline ``name``; skips where there is none to compare with."""
     if absent_images is None:
         pytest.skip("the checkout was linked before the tests started: no extension-free baseline")
+    if name not in absent_images:
+        pytest.skip(f"the host has no checkpoint for baseline {name!r}")
     return absent_images[name]
 
 
@@ -208,8 +242,14 @@ def txt2img_payload(sampler: str = "Euler a", **fields) -> dict:
             "sampler_name": sampler, "steps": 6, "width": 64, "height": 64, "cfg_scale": 7, **fields}
 
 
-# Generated once by a host without the extension; `host` must give the same bytes when ELA is off.
-BASELINE_PAYLOADS = {sampler: txt2img_payload(sampler) for sampler in ("Euler a", "DDIM", "Heun")}
+def baselines(samplers: dict[str, tuple[str, ...]], **fields) -> dict[str, tuple[str, dict]]:
+    """``{"model/sampler": (model, payload)}``: what a host without the extension generates once
+    and the host with it must repeat byte for byte when ELA is off."""
+    return {f"{model}/{sampler}": (model, txt2img_payload(sampler, **fields))
+            for model, names in samplers.items() for sampler in names}
+
+
+BASELINES = baselines({"sd1": ("Euler a", "DDIM", "Heun"), "sd2-v": ("Euler a", "DDIM"), "sdxl": ("Euler a", "DDIM")})
 
 
 def decode_png(image_b64: str) -> bytes:
@@ -322,3 +362,76 @@ def assert_bad_input_gives_the_off_image(server: WebUI, payload: dict, args: dic
     assert warning in infotext(failed)
     assert pixels(failed["images"][0]) == pixels(off["images"][0])
     return off
+
+
+def sampling_passes(calls: list[dict]) -> list[list[int]]:
+    """The sampling steps each pass of the last ELA generation evaluated (debug calls: a pass's
+    first evaluations count 0, 1, 2, ...; a hires pass starts again at 0)."""
+    passes: list[list[int]] = []
+    for call in calls:
+        if call["step"] == 0 and (not passes or 0 in passes[-1]):
+            passes.append([])
+        if call["step"] is not None and passes:
+            passes[-1].append(call["step"])
+    return [sorted(set(steps)) for steps in passes]
+
+
+def window_steps(steps_run: int, window_end: float = 0.5) -> list[int]:
+    """The steps a window [0, window_end) anchors out of the ``steps_run`` a pass ran."""
+    return [step for step in range(steps_run) if step / steps_run < window_end]
+
+
+def assert_every_step_anchored_with_a_falling_loss(server: WebUI, expected_steps: list[int]) -> None:
+    steps = server.get("/ela/v1/debug/calls")["steps"]
+    assert [log["step"] for log in steps] == expected_steps, steps
+    for log in steps:
+        assert log["updates"] >= 1 and log["losses"][-1] < log["losses"][0], log
+
+
+def assert_no_failure(text: str) -> None:
+    assert "anchoring stopped" not in text and "unanchored" not in text, text
+
+
+def mask_png(width: int, height: int) -> str:
+    """An inpainting mask (base64 PNG): the left half white (repainted), the right half kept."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, : width // 2] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def assert_hires_and_img2img_anchor(server: WebUI, sampler: str, **hires_fields) -> None:
+    """Hires fix anchors both passes, each over its own window, and ``ELA log`` reports both (the
+    hires pass as ``hires_`` keys). img2img at strength 0.5 runs only the end of the schedule and
+    the window counts over the steps it ran. Inpainting anchors the masked half and leaves the
+    kept half exactly as the WebUI does with ELA off."""
+    hires = server.txt2img(**txt2img_payload(sampler, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                                             denoising_strength=0.6, hr_second_pass_steps=4, **hires_fields,
+                                             **SIZE), **ela_args())
+    first_pass, hires_pass = sampling_passes(server.get("/ela/v1/debug/calls")["calls"])
+    assert len(first_pass) == 6 and 0 < len(hires_pass) <= 4
+    expected = window_steps(len(first_pass)) + window_steps(len(hires_pass))
+    assert_every_step_anchored_with_a_falling_loss(server, expected)
+    text = infotext(hires)
+    assert "ELA log: steps=3;" in text and f";hires_steps={len(window_steps(len(hires_pass)))};" in text, text
+    assert_no_failure(text)
+
+    init = server.txt2img(**txt2img_payload(sampler, **SIZE))["images"][0]
+    img2img = {**txt2img_payload(sampler, **SIZE), "init_images": [init], "denoising_strength": 0.5}
+    anchored = server.img2img(**img2img, **ela_args())
+    (steps_run,) = sampling_passes(server.get("/ela/v1/debug/calls")["calls"])
+    assert 0 < len(steps_run) < 6
+    assert_every_step_anchored_with_a_falling_loss(server, window_steps(len(steps_run)))
+    assert f"ELA log: steps={len(window_steps(len(steps_run)))};" in infotext(anchored)
+    assert_no_failure(infotext(anchored))
+
+    inpaint = {**img2img, "mask": mask_png(SIZE["width"], SIZE["height"]), "mask_blur": 0, "inpainting_fill": 1,
+               "inpaint_full_res": False, "denoising_strength": 0.75}
+    off = np.asarray(decode_image(server.img2img(**inpaint)["images"][0]))
+    on_result = server.img2img(**inpaint, **ela_args())
+    on = np.asarray(decode_image(on_result["images"][0]))
+    assert "ELA log: steps=" in infotext(on_result) and "ELA log: steps=0" not in infotext(on_result)
+    kept = slice(SIZE["width"] // 2, None)
+    assert np.array_equal(on[:, kept], off[:, kept])
+    assert not np.array_equal(on[:, : SIZE["width"] // 2], off[:, : SIZE["width"] // 2])
