@@ -15,6 +15,7 @@ lowest-resolution up-block that has cross-attention (``up_blocks.1`` of SD 1.x i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -138,17 +139,31 @@ def layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Te
 
 
 def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Head-averaged ``softmax(Q K^T * scale)`` in fp32, shape (batch, pixels, columns)."""
+    """Head-averaged ``softmax(Q K^T * scale)`` in fp32, shape (batch, pixels, columns).
+
+    ``to_q`` and ``to_k`` run as the layer runs them (its dtype, the host's autocast); the logits
+    and softmax run in fp32 with autocast off, since a half-precision ``Q K^T`` can overflow
+    (SD 2.x's reason for upcast attention) and autocast would otherwise run the matmul in half.
+    """
     if hidden.ndim == 4:  # diffusers may pass (B, C, H, W) to a spatial attention
         hidden = hidden.flatten(2).transpose(1, 2)
-    query = module.to_q(hidden).float()
-    key = module.to_k(context).float()
-    batch, heads = query.shape[0], int(module.heads)
-    query = query.reshape(batch, query.shape[1], heads, -1).transpose(1, 2)
-    key = key.reshape(batch, key.shape[1], heads, -1).transpose(1, 2)
-    scale = float(getattr(module, "scale", query.shape[-1] ** -0.5))
-    probs = torch.softmax(query @ key.transpose(-1, -2) * scale, dim=-1)
+    query = module.to_q(hidden)
+    key = module.to_k(context)
+    with _autocast_off(query.device.type):
+        query, key = query.float(), key.float()
+        batch, heads = query.shape[0], int(module.heads)
+        query = query.reshape(batch, query.shape[1], heads, -1).transpose(1, 2)
+        key = key.reshape(batch, key.shape[1], heads, -1).transpose(1, 2)
+        scale = float(getattr(module, "scale", query.shape[-1] ** -0.5))
+        probs = torch.softmax(query @ key.transpose(-1, -2) * scale, dim=-1)
     return probs.mean(dim=1)
+
+
+def _autocast_off(device_type: str) -> Any:
+    """Autocast disabled on ``device_type`` where torch has autocast for it; else nothing to undo."""
+    if device_type in ("cuda", "cpu", "xpu"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def layer_hw(n_pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

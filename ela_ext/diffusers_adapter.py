@@ -69,7 +69,8 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
            config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
            entity_specs: Optional[Sequence[str]] = None, generator: Optional[torch.Generator] = None,
            loop_options: Optional[dict[str, Any]] = None, step_options: Optional[dict[str, Any]] = None,
-           on_step: Optional[Callable[[int, Any], None]] = None) -> SampleResult:
+           on_step: Optional[Callable[[int, Any], None]] = None,
+           added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> SampleResult:
     """Classifier-free guided sampling from ``latents`` (unit-variance noise), anchoring the
     conditional rows on the first UNet evaluation of each step inside the window.
 
@@ -78,7 +79,10 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
     benchmark's random-direction control); ``step_options`` to ``scheduler.step`` (e.g. DDIM's
     ``eta``). ``on_step(step_index, timestep)`` runs before each step's guided UNet forward, whose
     batch is the conditional rows first, then the unconditional ones (e.g. to arm attention hooks).
-    Raises the engine's EntitySpecError for a spec that does not fit a prompt, before any sampling.
+    ``added_cond_kwargs``: extra UNet conditioning (SDXL's ``text_embeds`` and ``time_ids``), each
+    tensor with ``2 * len(prompts)`` rows in the guided batch's order; the grad pass takes the
+    conditional rows. Raises the engine's EntitySpecError for a spec that does not fit a prompt,
+    before any sampling.
     """
     config = config.validated()
     specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)
@@ -86,19 +90,22 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
     cond = encode(tokenizer, text_encoder, prompts)
     uncond = encode(tokenizer, text_encoder, [""] * len(prompts))
     session = AnchoringSession(unet, config, targets) if config.enabled else None
+    guided_extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    cond_extra = {} if added_cond_kwargs is None else {
+        "added_cond_kwargs": {key: value[:len(prompts)] for key, value in added_cond_kwargs.items()}}
 
     scheduler.set_timesteps(num_steps)
     latents = latents * scheduler.init_noise_sigma
     for step_index, timestep in enumerate(scheduler.timesteps):
         if session is not None:
             def forward(x: torch.Tensor, t: Any = timestep) -> Any:
-                return unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond)
+                return unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond, **cond_extra)
             latents = session.maybe_anchor(latents, sampler_space(scheduler, step_index, timestep),
                                            step_index, num_steps, forward, **(loop_options or {}))
         if on_step is not None:
             on_step(step_index, timestep)
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        noise = unet(model_input, timestep, encoder_hidden_states=torch.cat([cond, uncond])).sample
+        noise = unet(model_input, timestep, encoder_hidden_states=torch.cat([cond, uncond]), **guided_extra).sample
         noise_cond, noise_uncond = noise.chunk(2)
         guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(guided, timestep, latents, generator=generator, **(step_options or {})).prev_sample

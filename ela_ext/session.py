@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .anchoring import AnchorResult, SamplerSpace, anchor_latent, in_window
+from .anchoring import AnchoringError, AnchorResult, SamplerSpace, anchor_latent, in_window
 from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated
 from .config import ElaConfig
 from .mask_grid import mask_grid
@@ -77,7 +77,7 @@ class AnchoringSession:
         except Exception as error:  # noqa: BLE001 - any failure must leave the image as if off
             self.failed = True
             self.warn(f"anchoring stopped at step {step_index + 1}, image continues unanchored: "
-                      f"{type(error).__name__}: {error}")
+                      f"{type(error).__name__}: {error}{self._half_precision_hint(error, latent)}")
             return latent
         self.steps.append(StepLog(step_index, result.losses, result.updates))
         for row, localization in enumerate(result.localizations):
@@ -85,6 +85,17 @@ class AnchoringSession:
         self._first = self._first or result
         self._last = result
         return result.latent
+
+    def _half_precision_hint(self, error: Exception, latent: torch.Tensor) -> str:
+        """For a non-finite value under a half-precision UNet or latent: which dtype, what avoids it."""
+        if not isinstance(error, AnchoringError):
+            return ""
+        dtypes = {latent.dtype} | {parameter.dtype for parameter in self.layers[0].parameters()}
+        half = [name for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")) if dtype in dtypes]
+        if not half:
+            return ""
+        return (f" (the UNet runs in {half[0]} and the value left its range; full precision, e.g. the "
+                f"WebUI's --no-half, or bfloat16 instead of float16 avoid it)")
 
     def log_lines(self) -> list[str]:
         return [f"step {log.step + 1}: loss " + " -> ".join(f"{loss:.4f}" for loss in log.losses)
