@@ -93,7 +93,10 @@ def resolve(phrases: list[EntityPhrase], text: str, encoder=None) -> Resolved:
 
 
 def pad_ids(encoder) -> set[int]:
-    return {encoder.id_end, encoder.id_pad}
+    """What fills a chunk after its text: ``tokenize_line`` pads with the end id on every model
+    (A1111 and Forge); OpenCLIP's pad id 0 (SD 2.x, SDXL's bigG) is put in only when encoding,
+    and 0 is also the id of "!", which is text."""
+    return {encoder.id_end}
 
 
 def token_rows(chunks: list[list[int]], encoder=None) -> list[dict]:

@@ -75,6 +75,25 @@ def select_rows(cond, rows: list[int]):
     return cond[rows]
 
 
+def other_text_encoders(sd_model) -> list:
+    """The text encoders besides the one ``prompts.text_encoder`` resolves with: SDXL's OpenCLIP
+    bigG (A1111's second embedder, Forge's ``text_processing_engine_g``); none for SD 1.x / 2.x."""
+    if is_forge(sd_model):
+        engine = getattr(sd_model, "text_processing_engine_g", None)
+        return [engine] if engine is not None else []
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
+    return [embedder for embedder in embedders[1:] if hasattr(embedder, "tokenize_line")]
+
+
+def encoders_disagree(sd_model, phrases: list[EntityPhrase], text: str, resolved: Resolved) -> Optional[str]:
+    """Why the columns cannot be anchored, if another text encoder of the model (SDXL's two) puts
+    the entities elsewhere: the UNet sees both encoders' outputs side by side, column by column."""
+    for encoder in other_text_encoders(sd_model):
+        if resolve(phrases, text, encoder).columns != resolved.columns:
+            return f"the model's text encoders place the entities in different columns ({type(encoder).__name__})"
+    return None
+
+
 def is_forge(sd_model) -> bool:
     return hasattr(sd_model, "forge_objects")
 
@@ -222,7 +241,7 @@ class AnchoredPass:
         if key not in self._resolved:
             try:
                 result = resolve(image.phrases, text)
-                problem = result.problem
+                problem = result.problem or encoders_disagree(self.p.sd_model, image.phrases, text, result)
             except EntitySpecError as error:
                 result, problem = None, str(error)
             if problem:

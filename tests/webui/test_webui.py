@@ -130,25 +130,51 @@ def test_infotext_round_trip_through_png_info(host):
 
 
 PLAIN_COLUMNS = {"cat": [3], "frog": [7]}
-
-
-@pytest.mark.parametrize("prompt, expected", [
+# SD 2.x's OpenCLIP tokeniser has CLIP's BPE vocabulary (same ids) but pads with id 0, which is
+# also the id of "!"; SDXL conditions on a CLIP-L and an OpenCLIP-bigG encoder side by side.
+TOKEN_ROUTE_CASES = [
     ("a black cat and a green frog", PLAIN_COLUMNS),
     ("a (black:1.3) cat and a [green] frog", PLAIN_COLUMNS),
     ("a ((black cat)) and a green frog", PLAIN_COLUMNS),
     ("a black cat <lora:some_lora:0.8> and a green frog", PLAIN_COLUMNS),
     ("a black cat BREAK a green frog", {"cat": [3], "frog": [77 + 3]}),
-])
-def test_token_route_columns(host, prompt, expected):
-    answer = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": SPEC})
+]
+LONG_PROMPT = "a black cat, " + "very " * 80 + "detailed, a green quetzalcoatl"
+
+
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
+@pytest.mark.parametrize("prompt, expected", TOKEN_ROUTE_CASES)
+def test_token_route_columns(model_host, prompt, expected):
+    answer = model_host.post("/ela/v1/tokens", {"prompt": prompt, "entities": SPEC})
     assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == expected
     assert answer["warnings"] == []
     texts = {token["column"]: token["text"] for token in answer["tokens"]}
     assert all(texts[column] == word for word, columns in expected.items() for column in columns)
 
 
-def test_token_route_long_prompt_and_multi_token_word(host):
-    prompt = "a black cat, " + "very " * 80 + "detailed, a green quetzalcoatl"
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
+def test_token_route_lists_the_text_tokens_only(model_host):
+    """No start, end or padding token (SD2's padding id 0 included) is offered as a chip."""
+    answer = model_host.post("/ela/v1/tokens", {"prompt": "a black cat and a green frog!", "entities": SPEC})
+    assert [(token["column"], token["text"]) for token in answer["tokens"]] == list(enumerate(
+        ["a", "black", "cat", "and", "a", "green", "frog", "!"], start=1))
+
+
+@pytest.mark.parametrize("prompt", [prompt for prompt, _ in TOKEN_ROUTE_CASES] + [LONG_PROMPT])
+def test_sdxl_both_encoders_anchor_the_route_columns(webui, prompt):
+    """Generation checks that SDXL's second encoder places the entities where the first does
+    (and refuses to anchor if not): every route case anchors on SDXL."""
+    server = use_model(webui, "sdxl")
+    spec = "black cat | green quetzalcoatl" if prompt == LONG_PROMPT else SPEC
+    result = server.txt2img(**txt2img_payload("Euler a", prompt=prompt, **SIZE), **ela_args(entities=spec))
+    assert_no_failure(infotext(result))
+    assert "ELA log: steps=3;" in infotext(result)
+
+
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
+def test_token_route_long_prompt_and_multi_token_word(model_host):
+    host = model_host
+    prompt = LONG_PROMPT
     answer = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": "black cat | green quetzalcoatl"})
     assert answer["sot_columns"] == [0, 77]
     columns = {entity["word"]: entity["columns"] for entity in answer["entities"]}
