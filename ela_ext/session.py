@@ -23,6 +23,7 @@ from torch import nn
 from .anchoring import AnchoringError, AnchorResult, SamplerSpace, anchor_latent, in_window
 from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated
 from .config import ElaConfig
+from .localize import Localization
 from .mask_grid import mask_grid
 from .tokens import EntityColumns
 
@@ -31,9 +32,13 @@ logger = logging.getLogger("ela")
 
 @dataclass
 class StepLog:
+    """One anchored step: the kept loss after each grad pass, the updates taken, and each image's
+    masks (small booleans, kept so a benchmark can judge localisation at every step)."""
+
     step: int
     losses: list[float]
     updates: int
+    localizations: list[Localization]
 
 
 class AnchoringSession:
@@ -79,7 +84,7 @@ class AnchoringSession:
             self.warn(f"anchoring stopped at step {step_index + 1}, image continues unanchored: "
                       f"{type(error).__name__}: {error}{self._half_precision_hint(error, latent)}")
             return latent
-        self.steps.append(StepLog(step_index, result.losses, result.updates))
+        self.steps.append(StepLog(step_index, result.losses, result.updates, result.localizations))
         for row, localization in enumerate(result.localizations):
             self._fallbacks.update((row, fallback) for fallback in localization.fallbacks)
         self._first = self._first or result

@@ -8,7 +8,7 @@ import torch
 from ela_ext.localize import binarize, dominance_masks, localize, otsu_threshold, word_map
 from ela_ext.objectives import (OBJECTIVES, ObjectiveInput, attend_excite_loss, attenuation_loss,
                                 center_of_mass_loss, cluster_loss, concentration_loss, ela_loss, iou_loss,
-                                kl_loss, separate_enhance_loss)
+                                ela_enhance_loss, kl_loss, separate_enhance_loss)
 
 A = torch.tensor([[[0.2, 0.0], [0.6, 0.2]]])
 M = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
@@ -135,3 +135,20 @@ def test_a_start_of_text_map_on_the_objects_does_not_erase_them():
     assert torch.equal(result.entity_masks[0], expected_left)
     assert torch.equal(result.entity_masks[1], expected_left.flip(1))
     assert result.fallbacks == ["cat: the start-of-text map covered its region, kept the region"]
+
+
+def test_ela_enhance_adds_presence_that_pure_ela_lacks():
+    """Scaling a weak entity's attention up leaves ELA's Eqs. 5-7 unchanged (both are invariant to
+    an entity map's scale) but lowers ela_enhance, by Enhance's share of the text attention."""
+    strong = torch.zeros(4, 4)
+    strong[:2, :2] = 0.5
+    weak = torch.zeros(4, 4)
+    weak[2:, 2:] = 0.05
+    masks = torch.stack([strong > 0, weak > 0]).float()
+    share = torch.ones(4, 4)
+    before = ObjectiveInput(torch.stack([strong, weak]), masks, [0, 1], share)
+    after = ObjectiveInput(torch.stack([strong, weak * 8]), masks, [0, 1], share)
+    assert ela_loss(after).item() == pytest.approx(ela_loss(before).item(), abs=1e-6)
+    assert ela_enhance_loss(after) < ela_enhance_loss(before)
+    expected = (ela_loss(before) + ((1 - 0.5) + (1 - 0.05)) / 2) / 2
+    assert ela_enhance_loss(before).item() == pytest.approx(expected.item())
