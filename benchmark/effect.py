@@ -1,22 +1,32 @@
-"""What anchoring fixes on the bundled model: the same prompts and seeds with ELA off, on, and a
-random-direction control, judged by the exact evaluator.
+"""What anchoring fixes on the bundled model: the same prompts and seeds with anchoring off, with
+each objective, and with a random-direction control, judged by the exact evaluator.
 
-    python -m benchmark.effect [--prompts benchmark/prompts/test_prompts.txt] [--seeds 64 | 0,1,2]
-                               [--json] [--settings off,ela,random] [--workers 2]
+    python -m benchmark.effect [--families held_out,seen,three] [--prompts-per-family 16]
+                               [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
+                               [--settings off,default,random,ela,attend_excite,...]
+                               [--json] [--workers 2] [--cache runs/effect]
                                [engine settings, e.g. --lambda 0.3]
 
-Sampling goes through ``ela_ext.diffusers_adapter.sample``, the engine the WebUI script uses. Each
-setting sees the same initial noise per (prompt, seed), so results are paired: ``fixed`` counts
-images that fail off and are correct with the setting, ``broken`` the reverse. The random control
-takes steps of the same size as ELA's in random directions: an effect ELA has and the control does
-not is the objective's, not the push's.
+Settings: ``off``; ``default`` (the engine's config, with any overrides given); ``random`` (that
+config, but each update in a random direction); or an objective's name (the config with that
+objective). Sampling goes through ``ela_ext.diffusers_adapter.sample``, the engine the WebUI script
+uses. Each setting sees the same initial noise per (prompt, seed), so results are paired: ``fixed``
+counts images wrong off and right with the setting, ``broken`` the reverse, ``kept`` the share of
+images right off that stay right. ``moved`` is the mean pixel change against the off image and
+``shift`` how far found objects' centres moved (pixels); ``IoU`` is the entity masks' overlap with
+the objects found in the final image at the first and the last anchored step (``benchmark.metrics``).
+The random control takes steps of the first update's size in random directions: an effect a
+setting has and the control does not is the objective's, not the push's. ``--prompt-seed`` other
+than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose settings there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
+import pickle
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,20 +35,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
-from ela_ext.config import ElaConfig, replace
+from ela_ext.config import OBJECTIVE_NAMES, ElaConfig, replace
 from ela_ext.diffusers_adapter import sample
 
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
+from .families import FAMILIES, family_prompts
+from .metrics import Centroid, centroid, centroid_shifts, kept_rate, localisation_iou, pixel_change
 from .model import decode, initial_noise, load_model
 from .scenes import parse_prompt
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = HERE / "weights" / "model.safetensors"
-DEFAULT_PROMPTS = HERE / "prompts" / "test_prompts.txt"
-SETTINGS = ("off", "ela", "random")
+SETTINGS = ("off", "default", "random")
 FAILURES = (MISSING, WRONG_COLOUR, MERGED, WRONG_SHAPE)
+FOUND = (OK, WRONG_COLOUR, WRONG_SHAPE)  # statuses of an object drawn as its own component
 # Engine settings a run may override, as (flag, ElaConfig field, type).
 OVERRIDES = (("--lambda", "lambda_weight", float), ("--window-start", "window_start", float),
              ("--window-end", "window_end", float), ("--iterations", "max_iterations", int),
@@ -49,11 +62,16 @@ OVERRIDES = (("--lambda", "lambda_weight", float), ("--window-start", "window_st
 
 @dataclass
 class SettingResult:
-    """Per image (in prompt-major, seed-minor order): the evaluator's status per requested object."""
+    """Per image (prompt-major, seed-minor): the evaluator's status per requested object, the
+    image, each found object's centre (None otherwise) and the localisation IoU at each anchored
+    step (None where no requested object was found)."""
 
     name: str
     statuses: list[list[str]] = field(default_factory=list)
     seconds: float = 0.0
+    images: list[np.ndarray] = field(default_factory=list)
+    centroids: list[list[Centroid]] = field(default_factory=list)
+    ious: list[list[Optional[float]]] = field(default_factory=list)
 
     def rate(self, kind: str) -> float:
         if kind == OK:
@@ -69,23 +87,54 @@ class SettingResult:
     def correct(self) -> list[bool]:
         return [all(s == OK for s in image) for image in self.statuses]
 
+    def mean_iou(self, step: int) -> Optional[float]:
+        """Mean localisation IoU at anchored step ``step`` (0 first, -1 last) over scored images."""
+        values = [ious[step] for ious in self.ious if ious and ious[step] is not None]
+        return float(np.mean(values)) if values else None
+
+    def extend(self, other: "SettingResult") -> None:
+        for name in ("statuses", "images", "centroids", "ious"):
+            getattr(self, name).extend(getattr(other, name))
+        self.seconds += other.seconds
+
+
+def setting_config(setting: str, config: ElaConfig) -> tuple[ElaConfig, Optional[str]]:
+    """The engine config a setting runs and its update direction (None when off)."""
+    if setting == "off":
+        return replace(config, enabled=False), None
+    if setting in ("default", "random"):
+        return replace(config, enabled=True), "random" if setting == "random" else "gradient"
+    if setting in OBJECTIVE_NAMES:
+        return replace(config, enabled=True, objective=setting), "gradient"
+    raise ValueError(f"unknown setting {setting!r}: off, default, random or one of {', '.join(OBJECTIVE_NAMES)}")
+
 
 def run_prompt(model: tuple, prompt_index: int, prompt: str, seeds: Sequence[int], setting: str,
-               config: ElaConfig, steps: int, guidance: float) -> tuple[list[list[str]], float]:
-    """One prompt for all seeds in one batch: the evaluator's statuses per image, and the seconds
-    sampling took. The random control's directions are seeded by the prompt's index."""
+               config: ElaConfig, steps: int, guidance: float) -> SettingResult:
+    """One prompt for all seeds in one batch, judged image by image; ``seconds`` is the sampling
+    time. The random control's directions are seeded by the prompt's index."""
     from diffusers import DDIMScheduler
 
     unet, text_encoder, tokenizer, scheduler_config = model
+    run_config, direction = setting_config(setting, config)
     options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
-               if setting == "random" else None)
+               if direction == "random" else None)
     start = time.perf_counter()
-    latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
-                     replace(config, enabled=setting != "off"), initial_noise(seeds), num_steps=steps,
-                     guidance_scale=guidance, loop_options=options).latents
-    seconds = time.perf_counter() - start
+    sampled = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
+                     run_config, initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
+                     loop_options=options)
+    result = SettingResult(setting, seconds=time.perf_counter() - start)
     objects = parse_prompt(prompt)
-    return [evaluate(image, objects).status for image in decode(latents)], seconds
+    anchored = sampled.session.steps if sampled.session is not None else []
+    for row, image in enumerate(decode(sampled.latents)):
+        report = evaluate(image, objects)
+        result.statuses.append(report.status)
+        result.images.append(image)
+        result.centroids.append([centroid(mask) if status in FOUND else None
+                                 for mask, status in zip(report.masks, report.status)])
+        result.ious.append([localisation_iou(log.localizations[row].entity_masks.numpy(), report.masks)
+                            for log in anchored])
+    return result
 
 
 _worker_model: Optional[tuple] = None
@@ -97,7 +146,7 @@ def _load_worker_model(weights: Path) -> None:
     _worker_model = load_model(weights)
 
 
-def _run_prompt_in_worker(job: tuple) -> tuple[list[list[str]], float]:
+def _run_prompt_in_worker(job: tuple) -> SettingResult:
     return run_prompt(_worker_model, *job)
 
 
@@ -128,9 +177,22 @@ def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[
     jobs = [(index, prompt, list(seeds), setting, config, steps, guidance) for index, prompt in enumerate(prompts)]
     outputs = pool.map(_run_prompt_in_worker, jobs) if pool is not None else (run_prompt(model, *job) for job in jobs)
     result = SettingResult(setting)
-    for statuses, seconds in outputs:
-        result.statuses.extend(statuses)
-        result.seconds += seconds
+    for output in outputs:
+        result.extend(output)
+    return result
+
+
+def cached_run_setting(cache: Optional[Path], key: tuple, run) -> SettingResult:
+    """``run()``, or its pickled result from an earlier run with the same ``key`` (prompts, seeds,
+    setting, config, steps, guidance, weights): a long table resumes where it stopped."""
+    if cache is None:
+        return run()
+    path = cache / (hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".pkl")
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    result = run()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(result))
     return result
 
 
@@ -147,28 +209,44 @@ def summary(results: list[SettingResult]) -> list[dict]:
     for result in results:
         n = len(result.statuses)
         row = {"setting": result.name, "images": n, "both_correct": result.rate(OK), "apart": result.apart_rate(),
-               **{kind: result.rate(kind) for kind in FAILURES}, "seconds_per_image": result.seconds / n}
+               **{kind: result.rate(kind) for kind in FAILURES}, "seconds_per_image": result.seconds / n,
+               "iou_first": result.mean_iou(0), "iou_last": result.mean_iou(-1)}
         if off is not None and result is not off:
             row["time_vs_off"] = result.seconds / off.seconds
             row["fixed"], row["broken"] = paired(off, result)
+            row["kept"] = kept_rate(off.correct, result.correct)
+            if off.images and result.images:
+                row["pixel_change"] = float(np.mean([pixel_change(a, b) for a, b in zip(off.images, result.images)]))
+                shifts = [d for a, b in zip(off.centroids, result.centroids) for d in centroid_shifts(a, b)]
+                row["centroid_shift"] = float(np.mean(shifts)) if shifts else None
         rows.append(row)
     return rows
 
 
+def _cell(value: Optional[float], spec: str, width: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}{spec}}"
+
+
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    header = (f"{'setting':8s} {'images':>6s} {'both ok':>8s} {'apart':>6s} {'missing':>8s} {'wrong col':>9s} "
-              f"{'merged':>7s} {'wrong shp':>9s} {'s/image':>8s} {'time/off':>8s} {'fixed':>6s} {'broken':>6s}")
+    header = (f"{'setting':16s} {'images':>6s} {'both ok':>8s} {'kept':>6s} {'apart':>6s} {'missing':>8s} "
+              f"{'wrong col':>9s} {'merged':>7s} {'wrong shp':>9s} {'moved':>6s} {'shift':>5s} {'IoU 1st':>7s} "
+              f"{'IoU end':>7s} {'s/image':>8s} {'time/off':>8s} {'fixed':>6s} {'broken':>6s}")
     print(header, file=out)
     for row in rows:
-        extra = (f"{row['time_vs_off']:7.2f}x {row['fixed']:6d} {row['broken']:6d}"
-                 if "time_vs_off" in row else f"{'':8s} {'':6s} {'':6s}")
-        print(f"{row['setting']:8s} {row['images']:6d} {row['both_correct']:8.1%} {row['apart']:6.1%} "
-              f"{row[MISSING]:8.1%} {row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} {row[WRONG_SHAPE]:9.1%} "
-              f"{row['seconds_per_image']:8.3f} {extra}", file=out)
+        paired_cells = (f"{row['time_vs_off']:7.2f}x {row['fixed']:6d} {row['broken']:6d}"
+                        if "time_vs_off" in row else f"{'':8s} {'':6s} {'':6s}")
+        print(f"{row['setting']:16s} {row['images']:6d} {row['both_correct']:8.1%} {_cell(row.get('kept'), '.0%', 6)} "
+              f"{row['apart']:6.1%} {row[MISSING]:8.1%} {row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} "
+              f"{row[WRONG_SHAPE]:9.1%} {_cell(row.get('pixel_change'), '.1%', 6)} "
+              f"{_cell(row.get('centroid_shift'), '.1f', 5)} {_cell(row['iou_first'], '.2f', 7)} "
+              f"{_cell(row['iou_last'], '.2f', 7)} {row['seconds_per_image']:8.3f} {paired_cells}", file=out)
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``64`` -> 0..63; ``3,7,11`` -> those seeds."""
+    """``64`` -> 0..63; ``100:116`` -> 100..115; ``3,7,11`` -> those seeds."""
+    if ":" in text:
+        start, stop = text.split(":")
+        return list(range(int(start), int(stop)))
     return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
 
 
@@ -177,16 +255,31 @@ def config_from_args(args: argparse.Namespace) -> ElaConfig:
     return replace(ElaConfig(), **changes)
 
 
+def prompt_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Family name -> prompts; one set named after the file when ``--prompts`` is given."""
+    if args.prompts is not None:
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        return {args.prompts.stem: prompts[:args.prompts_per_family]}
+    return {family: family_prompts(family, args.prompt_seed, args.prompts_per_family)
+            for family in args.families.split(",")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="one prompt per line")
-    parser.add_argument("--limit-prompts", type=int, default=None, help="use the first N prompts")
-    parser.add_argument("--seeds", default="64", help="a count (0..N-1) or a comma-separated list")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="of off, ela, random")
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FAMILIES)}")
+    parser.add_argument("--prompts-per-family", type=int, default=16, help="the first N of each family")
+    parser.add_argument("--prompt-seed", type=int, default=0, help="0: the sets in prompts/; "
+                        "else fresh prompts disjoint from them (a development set)")
+    parser.add_argument("--prompts", type=Path, default=None, help="a file of prompts instead of the families")
+    parser.add_argument("--seeds", default="16", help="a count (0..N-1) or a comma-separated list")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="of off, default, random and the objective names")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--cache", type=Path, default=None, help="folder keeping each finished setting "
+                        "(a rerun resumes); not used when absent")
     parser.add_argument("--workers", type=int, default=1, help="processes sampling prompts side by side, "
                         "one thread each (at most one per free core)")
     for flag, name, kind in OVERRIDES:
@@ -197,21 +290,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
-    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-    prompts = prompts[:args.limit_prompts] if args.limit_prompts else prompts
     seeds = parse_seeds(args.seeds)
     config = config_from_args(args)
+    settings = args.settings.split(",")
+    for setting in settings:
+        setting_config(setting, config)  # an unknown setting fails before any sampling
+    sets = prompt_sets(args)
+    pooled = {setting: SettingResult(setting) for setting in settings}
+    tables = {}
     with sampling_backend(args.weights, args.workers) as (model, pool):
-        results = [run_setting(model, prompts, seeds, setting, config, args.steps, args.guidance, pool)
-                   for setting in args.settings.split(",")]
-    rows = summary(results)
+        for family, prompts in sets.items():
+            results = []
+            for setting in settings:
+                key = (prompts, seeds, setting, config.to_infotext(), args.steps, args.guidance, str(args.weights))
+                results.append(cached_run_setting(args.cache, key, lambda: run_setting(
+                    model, prompts, seeds, setting, config, args.steps, args.guidance, pool)))
+                pooled[setting].extend(results[-1])
+            tables[family] = summary(results)
+            if not args.json:
+                print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds", flush=True)
+                print_table(tables[family])
+    if len(sets) > 1:
+        tables["all"] = summary(list(pooled.values()))
     if args.json:
-        print(json.dumps({"config": config.to_infotext(), "prompts": len(prompts), "seeds": len(seeds),
-                          "steps": args.steps, "guidance": args.guidance, "rows": rows}, indent=2))
+        print(json.dumps({"config": config.to_infotext(), "families": {f: len(p) for f, p in sets.items()},
+                          "seeds": len(seeds), "steps": args.steps, "guidance": args.guidance, "tables": tables},
+                         indent=2))
     else:
-        print(f"{len(prompts)} prompts x {len(seeds)} seeds, DDIM {args.steps} steps, guidance {args.guidance}; "
-              f"ELA {config.to_infotext()}")
-        print_table(rows)
+        print(f"\nDDIM {args.steps} steps, guidance {args.guidance}; ELA {config.to_infotext()}")
+        if "all" in tables:
+            print(f"all families: {sum(len(p) for p in sets.values())} prompts x {len(seeds)} seeds")
+            print_table(tables["all"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The benchmark's per-image metrics on hand-made images and masks, and on rendered scenes with
+known objects; the prompt families' sets."""
+
+import numpy as np
+import pytest
+
+from benchmark.families import FAMILIES, family_prompts
+from benchmark.metrics import (centroid, centroid_shifts, kept_rate, localisation_iou, mask_iou, pixel_change,
+                               upsample_mask)
+from benchmark.scenes import is_held_out, parse_prompt, render
+
+
+def test_kept_counts_only_images_right_without_anchoring():
+    assert kept_rate([True, True, False, True], [True, False, True, True]) == pytest.approx(2 / 3)
+    assert kept_rate([False, False], [True, True]) is None
+
+
+def test_pixel_change_and_centroid_shift_by_hand():
+    black = np.zeros((4, 4, 3), np.uint8)
+    half = black.copy()
+    half[:2] = 255  # half the pixels at full range
+    assert pixel_change(black, half) == pytest.approx(0.5)
+    mask = np.zeros((8, 8), bool)
+    mask[1:3, 1:3] = True  # centre (1.5, 1.5)
+    moved = np.roll(mask, (3, 4), axis=(0, 1))  # centre (4.5, 5.5): 5 pixels away
+    assert centroid(mask) == (1.5, 1.5) and centroid(np.zeros((2, 2), bool)) is None
+    assert centroid_shifts([centroid(mask), None], [centroid(moved), (0.0, 0.0)]) == [pytest.approx(5.0)]
+
+
+def test_mask_iou_upsamples_the_attention_mask():
+    coarse = np.zeros((2, 2), bool)
+    coarse[0, 0] = True
+    assert upsample_mask(coarse, (4, 4)).sum() == 4
+    region = np.zeros((4, 4), bool)
+    region[0:2, 0:4] = True  # the top half: IoU with the top-left quarter is 4 / 8
+    assert mask_iou(coarse, region) == pytest.approx(0.5)
+    assert mask_iou(coarse, np.zeros((4, 4), bool)) is None
+
+
+def test_localisation_iou_on_a_rendered_scene_with_known_objects():
+    # boxes on the 4-pixel cells of an 8x8 map: the square's cells are exactly its region
+    image, truth = render([("circle", "red", (4, 4, 16, 16)), ("square", "blue", (20, 16, 32, 28))])
+    regions = [obj.mask for obj in truth]
+    # the true regions at the attention map's 8x8 resolution (a cell is 4x4 pixels, kept if half covered)
+    exact = np.stack([r.reshape(8, 4, 8, 4).mean((1, 3)) >= 0.5 for r in regions])
+    swapped = exact[::-1]
+    assert mask_iou(exact[1], regions[1]) == 1.0
+    assert localisation_iou(exact, regions) > 0.8
+    assert localisation_iou(swapped, regions) == 0.0
+    assert localisation_iou(exact, [regions[0], np.zeros_like(regions[1])]) == pytest.approx(
+        mask_iou(exact[0], regions[0]))  # a missing object is not scored
+    assert image.shape == (32, 32, 3)
+
+
+def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_ones():
+    for family in FAMILIES:
+        reported, development = family_prompts(family, 0, 48), family_prompts(family, 1, 12)
+        assert len(set(reported)) == 48 and len(development) == 12
+        assert not set(reported) & set(development)
+    assert all(len(parse_prompt(p)) == 3 for p in family_prompts("three", 0))
+    seen = [parse_prompt(p) for p in family_prompts("seen", 0)]
+    assert all(len(objects) == 2 for objects in seen)
+    assert not any(is_held_out([(s, c) for s, c in objects]) for objects in seen)
+    assert all(is_held_out([(s, c) for s, c in parse_prompt(p)]) for p in family_prompts("held_out", 0))
+    with pytest.raises(ValueError, match="unknown prompt family"):
+        family_prompts("four", 0)
