@@ -21,16 +21,24 @@ def test_paired_counts_and_rates_by_hand():
     assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
     assert rows[0]["apart"] == 0.5 and rows[1]["apart"] == 0.75  # no object missing or merged
     assert (rows[1]["fixed"], rows[1]["broken"]) == (2, 1)
-    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9]
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9] and parse_seeds("7:9") == [7, 8]
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
-def test_end_to_end_on_two_prompts_and_two_seeds(capsys):
-    main(["--limit-prompts", "2", "--seeds", "2", "--steps", "8", "--json"])
+def test_end_to_end_on_two_prompts_and_two_seeds(capsys, tmp_path):
+    argv = ["--families", "held_out,three", "--prompts-per-family", "1", "--seeds", "2", "--steps", "8",
+            "--settings", "off,default,random,separate_enhance", "--json", "--cache", str(tmp_path)]
+    main(argv)
     report = json.loads(capsys.readouterr().out)
-    assert [row["setting"] for row in report["rows"]] == ["off", "ela", "random"]
-    assert all(row["images"] == 4 for row in report["rows"])
-    assert {"fixed", "broken", "time_vs_off"} <= set(report["rows"][1])
+    assert set(report["tables"]) == {"held_out", "three", "all"}
+    rows = report["tables"]["all"]
+    assert [row["setting"] for row in rows] == ["off", "default", "random", "separate_enhance"]
+    assert all(row["images"] == 4 for row in rows)
+    assert {"fixed", "broken", "time_vs_off", "kept", "pixel_change", "centroid_shift"} <= set(rows[1])
+    assert rows[0]["iou_first"] is None and 0 <= rows[1]["iou_first"] <= 1  # masks only where anchored
+    assert len(list(tmp_path.glob("*.pkl"))) == 8  # each family x setting kept: a rerun resumes
+    main(argv)
+    assert json.loads(capsys.readouterr().out)["tables"] == report["tables"]
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
