@@ -88,7 +88,8 @@ def inject_fault(latent: torch.Tensor, step: int) -> torch.Tensor:
 
 def step_logs() -> list[dict]:
     """Every anchored step's losses (one per grad pass) and update count, session by session."""
-    return [dataclasses.asdict(log) for session in sessions for log in session.steps]
+    return [{"step": log.step, "losses": log.losses, "updates": log.updates}
+            for session in sessions for log in session.steps]
 
 
 def hook_counts(unet: torch.nn.Module) -> dict[str, int]:
