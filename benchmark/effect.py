@@ -242,6 +242,28 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
               f"{_cell(row['iou_last'], '.2f', 7)} {row['seconds_per_image']:8.3f} {paired_cells}", file=out)
 
 
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def print_markdown(rows: list[dict], out=sys.stdout) -> None:
+    """The README's comparison table: one row per setting, paired columns against off."""
+    print("| setting | both correct | kept | missing | merged | wrong colour | wrong shape | moved (pixels / "
+          "centre shift) | mask IoU first -> last step | time vs off | fixed / broken |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for row in rows:
+        paired_row = "time_vs_off" in row
+        moved = (f"{_percent(row.get('pixel_change'))} / "
+                 f"{'-' if row.get('centroid_shift') is None else format(row['centroid_shift'], '.1f')} px")
+        iou = ("-" if row["iou_first"] is None
+               else f"{row['iou_first']:.2f} -> {row['iou_last']:.2f}")
+        print(f"| {row['setting']} | {row['both_correct']:.1%} | {_percent(row.get('kept'))} | {row[MISSING]:.1%} | "
+              f"{row[MERGED]:.1%} | {row[WRONG_COLOUR]:.1%} | {row[WRONG_SHAPE]:.1%} | "
+              f"{moved if paired_row else '-'} | {iou} | "
+              f"{format(row['time_vs_off'], '.2f') + 'x' if paired_row else '1x'} | "
+              f"{str(row['fixed']) + ' / ' + str(row['broken']) if paired_row else '-'} |", file=out)
+
+
 def parse_seeds(text: str) -> list[int]:
     """``64`` -> 0..63; ``100:116`` -> 100..115; ``3,7,11`` -> those seeds."""
     if ":" in text:
@@ -278,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (the README's)")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping each finished setting "
                         "(a rerun resumes); not used when absent")
     parser.add_argument("--workers", type=int, default=1, help="processes sampling prompts side by side, "
@@ -309,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             tables[family] = summary(results)
             if not args.json:
                 print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds", flush=True)
-                print_table(tables[family])
+                (print_markdown if args.markdown else print_table)(tables[family])
     if len(sets) > 1:
         tables["all"] = summary(list(pooled.values()))
     if args.json:
@@ -320,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"\nDDIM {args.steps} steps, guidance {args.guidance}; ELA {config.to_infotext()}")
         if "all" in tables:
             print(f"all families: {sum(len(p) for p in sets.values())} prompts x {len(seeds)} seeds")
-            print_table(tables["all"])
+            (print_markdown if args.markdown else print_table)(tables["all"])
 
 
 if __name__ == "__main__":

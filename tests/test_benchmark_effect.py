@@ -1,13 +1,14 @@
 """The effect benchmark: paired counting by hand, and an end-to-end run on the bundled model."""
 
+import io
 import json
 
 import pytest
 
 from ela_ext.config import ElaConfig
 
-from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, run_setting, summary,
-                              worker_pool)
+from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, run_setting,
+                              summary, worker_pool)
 from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
 
@@ -21,6 +22,10 @@ def test_paired_counts_and_rates_by_hand():
     assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
     assert rows[0]["apart"] == 0.5 and rows[1]["apart"] == 0.75  # no object missing or merged
     assert (rows[1]["fixed"], rows[1]["broken"]) == (2, 1)
+    assert rows[1]["kept"] == 0.0  # the one image right off is broken
+    table = io.StringIO()
+    print_markdown(rows, table)
+    assert "| ela | 50.0% | 0.0% | 25.0% | 0.0% | 25.0% | 0.0% | - / - px | - | 2.50x | 2 / 1 |" in table.getvalue()
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9] and parse_seeds("7:9") == [7, 8]
 
 
