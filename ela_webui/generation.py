@@ -82,9 +82,11 @@ class ElaRun:
         if images:
             anchored = AnchoredPass(self, p, images)
             self.passes.append(anchored)
+            # The latest pass of its kind: Forge prepares its hires pass twice, and the second
+            # (which releases the first's wrappers) is the one that samples.
             by_image = self.hires_pass if getattr(p, "is_hr_pass", False) else self.first_pass
             for image in images:
-                by_image.setdefault(image.index, anchored)
+                by_image[image.index] = anchored
 
     @staticmethod
     def _session(index: int, passes: dict[int, AnchoredPass]):

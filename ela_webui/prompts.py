@@ -14,6 +14,7 @@ from modules import extra_networks, prompt_parser, shared
 from ela_ext.anchoring import unanchorable_reason
 from ela_ext.entities import EntityPhrase, detect_entities, parse_spec
 from ela_ext.tokens import EntityColumns, resolve_entities, token_table
+from ela_webui.embeddings import EmbeddingAwareEncoder
 
 # The token route has no step count; step 0's text is the same for any count large enough that a
 # fractional [from:to:0.1] has not switched yet.
@@ -22,14 +23,15 @@ PREVIEW_STEPS = 100
 
 def text_encoder(sd_model=None):
     """The CLIP-L tokenizer generation uses: SD1/2 ``cond_stage_model``, SDXL
-    ``conditioner.embedders[0]`` (both encoders chunk alike), Forge's text processing engine."""
+    ``conditioner.embedders[0]`` (both encoders chunk alike), Forge's text processing engine;
+    with textual-inversion embeddings' vectors made nameable (``embeddings``)."""
     model = sd_model or shared.sd_model
     for forge_engine in ("text_processing_engine_l", "text_processing_engine"):
         if getattr(model, forge_engine, None) is not None:
-            return getattr(model, forge_engine)
+            return EmbeddingAwareEncoder(getattr(model, forge_engine))
     if hasattr(model, "conditioner"):
-        return model.conditioner.embedders[0]
-    return model.cond_stage_model
+        return EmbeddingAwareEncoder(model.conditioner.embedders[0])
+    return EmbeddingAwareEncoder(model.cond_stage_model)
 
 
 def first_sub_prompt(prompt: str) -> tuple[str, int]:

@@ -29,6 +29,7 @@ from ela_ext.config import ElaConfig
 from ela_ext.entities import EntityPhrase, EntitySpecError
 from ela_ext.session import AnchoringSession
 from ela_webui import debug
+from ela_webui.embeddings import EmbeddingAwareEncoder
 from ela_webui.prompts import Resolved, resolve, text_at_step
 
 logger = logging.getLogger("ela")
@@ -80,9 +81,9 @@ def other_text_encoders(sd_model) -> list:
     bigG (A1111's second embedder, Forge's ``text_processing_engine_g``); none for SD 1.x / 2.x."""
     if is_forge(sd_model):
         engine = getattr(sd_model, "text_processing_engine_g", None)
-        return [engine] if engine is not None else []
+        return [EmbeddingAwareEncoder(engine)] if engine is not None else []
     embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
-    return [embedder for embedder in embedders[1:] if hasattr(embedder, "tokenize_line")]
+    return [EmbeddingAwareEncoder(embedder) for embedder in embedders[1:] if hasattr(embedder, "tokenize_line")]
 
 
 def encoders_disagree(sd_model, phrases: list[EntityPhrase], text: str, resolved: Resolved) -> Optional[str]:
@@ -156,6 +157,9 @@ class AnchoredPass:
         self.p = p
         self.images = images
         self.denoiser = p.sampler.model_wrap_cfg
+        earlier = getattr(self.denoiser.forward, "__self__", None)
+        if isinstance(earlier, AnchoredPass):
+            earlier.release()  # Forge's hires pass reuses the first pass's sampler
         self.model = host_model(p, self.denoiser)
         self.stopped = False
         self.sessions: dict[tuple, AnchoringSession] = {}
@@ -163,9 +167,16 @@ class AnchoredPass:
         self._resolved: dict[tuple[int, str], Optional[Resolved]] = {}
         self._original_forward = self.denoiser.forward
         self.denoiser.forward = self.forward
+        self.sampler = p.sampler
         self.sampler_func = p.sampler.func
         self.steps_run: Optional[int] = None
         p.sampler.func = self._reading_the_schedule(self.sampler_func)
+
+    def release(self) -> None:
+        """Give the sampler back its own forward and function, so a later pass on the same
+        sampler object wraps them once, not on top of this pass's wrappers."""
+        self.denoiser.forward = self._original_forward
+        self.sampler.func = self.sampler_func
 
     def _reading_the_schedule(self, sampler_func):
         """The sampler's own function, noting the length of the schedule it is called with.

@@ -11,7 +11,7 @@ import pytest
 pytest.register_assert_rewrite("webui_host")
 
 from webui_host import (BASELINES, WebUI, checkout_in_extensions, images_without_extension,  # noqa: E402
-                        use_model, webui_root_or_skip)
+                        use_model, webui_root_or_skip, write_embedding)
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +34,13 @@ def absent_images(webui_root, workdir):
 
 @pytest.fixture(scope="session")
 def webui(webui_root, workdir, absent_images):
-    """The WebUI with the extension linked, its UI built and its debug routes on (ELA_DEBUG=1)."""
+    """The WebUI with the extension linked, its UI built and its debug routes on (ELA_DEBUG=1),
+    reading embeddings from a folder of the tests' own that holds the test embedding."""
+    embeddings = workdir / "embeddings"
+    write_embedding(embeddings)
     with checkout_in_extensions(webui_root), WebUI(webui_root, workdir, "with-ela", {"ELA_DEBUG": "1"},
-                                                   with_ui=True, ready_path="/ela/v1/debug/hooks") as server:
+                                                   with_ui=True, ready_path="/ela/v1/debug/hooks",
+                                                   extra_flags=("--embeddings-dir", str(embeddings))) as server:
         yield server
 
 

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, WebUI, _free_port, absent_image_or_skip,
-                        assert_bad_input_gives_the_off_image, assert_off_is_byte_identical_to_no_extension,
-                        assert_on_changes_the_image_and_the_loss_falls,
-                        assert_sampler_continues_from_the_anchored_latent, checkout_in_extensions, ela_args,
-                        images_without_extension, infotext, pixels, txt2img_payload)
+from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port, absent_image_or_skip,
+                        assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor, assert_no_failure,
+                        assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
+                        assert_sampler_continues_from_the_anchored_latent, baselines, checkout_in_extensions,
+                        ela_args, images_without_extension, infotext, pixels, txt2img_payload, use_model)
 
+# The tiny checkpoints forge-host/setup.sh builds.
+FORGE_MODELS = ["sd1", "sdxl"]
 # Generated once by Forge without the extension; `forge` must give the same bytes when ELA is off.
-FORGE_BASELINE_PAYLOADS = {sampler: txt2img_payload(sampler, **SIZE) for sampler in ("Euler a", "DPM++ 2M", "DDIM")}
+FORGE_BASELINES = baselines({model: ("Euler a", "DPM++ 2M", "DDIM") for model in FORGE_MODELS}, **SIZE)
+# Forge's API fails a hires request without hr_additional_modules (TypeError on None).
+FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"]}
 # Offline on CPU, full precision, API only; the first checkpoint in models/Stable-diffusion.
 FORGE_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
                "--skip-python-version-check", "--no-download-sd-model", "--always-cpu", "--all-in-fp32", "--api",
@@ -39,6 +43,7 @@ class Forge(WebUI):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{name}.log"
+        self.checkpoint: str | None = None
         launch_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                       "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                       "OMP_NUM_THREADS": "1", "COMMANDLINE_ARGS": "", **env}
@@ -59,6 +64,12 @@ class Forge(WebUI):
 
     def _alive(self) -> bool:
         return self._process.poll() is None  # our child: an exited one is a zombie until waited
+
+    def load_checkpoint(self, checkpoint: str) -> None:
+        """Forge loads a newly chosen checkpoint at the next generation; the token and debug
+        routes read the loaded model, so one short generation loads it here."""
+        super().load_checkpoint(checkpoint)
+        self.txt2img(**txt2img_payload("Euler a", steps=1))
 
     def stop(self) -> None:
         super().stop()
@@ -84,17 +95,29 @@ def forge_workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def absent_images(forge_root, forge_workdir):
-    """Images from Forge WITHOUT the extension for FORGE_BASELINE_PAYLOADS, or None where the checkout is
-    linked by someone else (then it cannot be absent). Requested by ``forge`` so it runs first."""
-    return images_without_extension(Forge, forge_root, forge_workdir, FORGE_BASELINE_PAYLOADS)
+    """Images from Forge WITHOUT the extension for FORGE_BASELINES, or None where the checkout is
+    linked by someone else (then it cannot be absent). Requested by ``forge_server`` so it runs first."""
+    return images_without_extension(Forge, forge_root, forge_workdir, FORGE_BASELINES)
 
 
 @pytest.fixture(scope="module")
-def forge(forge_root, forge_workdir, absent_images):
+def forge_server(forge_root, forge_workdir, absent_images):
     """Forge with the extension linked and its debug routes on (ELA_DEBUG=1)."""
     with checkout_in_extensions(forge_root), \
             Forge(forge_root, forge_workdir, "with-ela", {"ELA_DEBUG": "1"}) as server:
         yield server
+
+
+@pytest.fixture
+def forge(forge_server):
+    """Forge with the tiny SD1 checkpoint loaded."""
+    return use_model(forge_server, "sd1")
+
+
+@pytest.fixture
+def forge_model(forge_server, request):
+    """Forge with ``request.param``'s checkpoint loaded (indirect over FORGE_MODELS)."""
+    return use_model(forge_server, request.param)
 
 
 def test_the_script_is_loaded_by_forge(forge):
@@ -102,21 +125,45 @@ def test_the_script_is_loaded_by_forge(forge):
     assert SCRIPT_TITLE.lower() in names
 
 
-@pytest.mark.parametrize("sampler", list(FORGE_BASELINE_PAYLOADS))
-def test_off_is_byte_identical_to_no_extension(forge, absent_images, sampler):
-    assert_off_is_byte_identical_to_no_extension(forge, FORGE_BASELINE_PAYLOADS[sampler], absent_images, sampler)
+@pytest.mark.parametrize("name", list(FORGE_BASELINES))
+def test_off_is_byte_identical_to_no_extension(forge_server, absent_images, name):
+    model, payload = FORGE_BASELINES[name]
+    assert_off_is_byte_identical_to_no_extension(use_model(forge_server, model), payload, absent_images, name)
 
 
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_on_changes_the_image_and_the_loss_falls(forge, sampler):
+def test_on_changes_the_image_and_the_loss_falls(forge_model, sampler):
     """Forge samples under inference mode: ELA's grad pass must still run and lower the loss."""
-    assert_on_changes_the_image_and_the_loss_falls(forge, sampler)
+    assert_on_changes_the_image_and_the_loss_falls(forge_model, sampler)
 
 
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
 @pytest.mark.parametrize("sampler, history", SAMPLER_HISTORIES)
-def test_sampler_continues_from_the_anchored_latent(forge, sampler, history):
+def test_sampler_continues_from_the_anchored_latent(forge_model, sampler, history):
     """As in test_webui.py: the write must reach Forge's own sampler state, not only the UNet."""
-    assert_sampler_continues_from_the_anchored_latent(forge, sampler, history)
+    assert_sampler_continues_from_the_anchored_latent(forge_model, sampler, history)
+
+
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
+def test_hires_and_img2img_anchor(forge_model, sampler):
+    assert_hires_and_img2img_anchor(forge_model, sampler, **FORGE_HIRES_FIELDS)
+
+
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
+@pytest.mark.parametrize("prompt, expected", [
+    ("a black cat and a green frog", {"cat": [3], "frog": [7]}),
+    ("a (black:1.3) cat BREAK a green frog", {"cat": [3], "frog": [77 + 3]}),
+])
+def test_token_route_and_generation_agree(forge_model, prompt, expected):
+    """Forge's own text engines (SDXL: CLIP-L and bigG) give the route's columns, and generation
+    anchors on them (it refuses when SDXL's two engines disagree)."""
+    answer = forge_model.post("/ela/v1/tokens", {"prompt": prompt, "entities": SPEC})
+    assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == expected
+    result = forge_model.txt2img(**txt2img_payload("Euler a", prompt=prompt, **SIZE), **ela_args())
+    assert "ELA log: steps=3;" in infotext(result)
+    assert_no_failure(infotext(result))
 
 
 @pytest.mark.parametrize("args, warning", [
@@ -144,18 +191,10 @@ def test_weights_made_grad_capable_give_the_same_images(forge, absent_images):
     on = forge.txt2img(**payload, **ela_args())
     off_after = forge.txt2img(**payload)
     assert forge.txt2img(**payload, **ela_args())["images"] == on["images"]
-    assert off_after["images"][0] == absent_image_or_skip(absent_images, "Euler a")
+    assert off_after["images"][0] == absent_image_or_skip(absent_images, "sd1/Euler a")
 
 
-def test_batch_and_hires_anchor_every_image(forge):
+def test_batch_anchors_every_image(forge):
     batch = forge.txt2img(**txt2img_payload("Euler a", batch_size=2, n_iter=2, **SIZE), **ela_args())
     assert len(batch["images"]) == 4
     assert all("ELA log: steps=3;" in text for text in batch["info"]["infotexts"])
-    # Forge's API fails a hires request without hr_additional_modules (TypeError on None).
-    hires = forge.txt2img(**txt2img_payload("DPM++ 2M", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
-                                            denoising_strength=0.6, hr_additional_modules=["Use same choices"],
-                                            **SIZE), **ela_args())
-    assert "ELA log: steps=3;" in infotext(hires)
-    assert "anchoring stopped" not in infotext(hires) and "unanchored" not in infotext(hires)
-    # The hires pass anchors too: its sessions follow the first pass's in the debug log.
-    assert len(forge.get("/ela/v1/debug/calls")["steps"]) > 3

@@ -17,7 +17,7 @@ import pytest
 
 from ela_ext.config import ElaConfig
 
-from webui_host import (BASELINES, CHECKPOINTS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
+from webui_host import (BASELINES, CHECKPOINTS, EMBEDDING_NAME, EMBEDDING_VECTORS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
                         assert_sampler_continues_from_the_anchored_latent, decode_image, ela_args, hook_counts,
@@ -379,3 +379,28 @@ def test_xyz_out_of_range_value_warns_and_gives_the_off_image(host):
     ((image, text),) = xyz_cells(grid)
     assert "lambda_weight must be in [0.0, 1.0], got 5.0: generated without ELA" in text
     assert pixels(image) == pixels(host.txt2img(**payload)["images"][0])
+
+
+def test_embedding_name_maps_to_all_its_vectors_and_anchors(host):
+    """A textual-inversion embedding (made by the tests, 3 vectors) named as an entity takes the
+    columns of all its vectors, in the token route and in generation, and anchoring works on it."""
+    prompt = f"a black cat and a green {EMBEDDING_NAME}"
+    spec = f"black cat | green {EMBEDDING_NAME}"
+    answer = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": spec})
+    vectors = list(range(7, 7 + EMBEDDING_VECTORS))
+    assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == {"cat": [3], EMBEDDING_NAME: vectors}
+    assert answer["entities"][1]["attributes"] == [{"word": "green", "columns": [6]}]
+    assert answer["warnings"] == []
+    assert [token["word"] for token in answer["tokens"] if token["column"] in vectors] == [EMBEDDING_NAME] * 3
+    detected = host.post("/ela/v1/tokens", {"prompt": prompt, "entities": ""})
+    assert detected["spec"] == spec
+
+    payload = txt2img_payload("Euler a", prompt=prompt, **SIZE)
+    off = host.txt2img(**payload)
+    on = host.txt2img(**payload, **ela_args(entities=spec))
+    assert f"TI hashes: \"{EMBEDDING_NAME}:" in infotext(off)  # the WebUI used the embedding
+    assert f"ELA: entities={spec};" in infotext(on) and "ELA log: steps=3;" in infotext(on)
+    assert_no_failure(infotext(on))
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    for log in host.get("/ela/v1/debug/calls")["steps"]:
+        assert log["updates"] >= 1 and log["losses"][-1] < log["losses"][0], log

@@ -166,6 +166,10 @@ class WebUI:
     def has_checkpoint(self, checkpoint: str) -> bool:
         return any(Path(model["filename"]).name == checkpoint for model in self.get("/sdapi/v1/sd-models"))
 
+    def load_checkpoint(self, checkpoint: str) -> None:
+        """Switch the model as a user does (A1111 loads it at once)."""
+        self.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
+
 
 # The tiny checkpoints the prepared hosts hold (real-host/setup.sh: all three; forge-host: sd1 and
 # sdxl), by the name the tests use. The first is what a host starts with.
@@ -180,9 +184,30 @@ def use_model(server: WebUI, model: str) -> WebUI:
         if not server.has_checkpoint(checkpoint):
             pytest.skip(f"{checkpoint} is not in {server.root}/webui/models/Stable-diffusion: "
                         f"prepare the host with the current setup.sh to run the {model} tests")
-        server.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
+        server.load_checkpoint(checkpoint)
         server.checkpoint = checkpoint
     return server
+
+
+# A textual-inversion embedding for the tiny SD1 checkpoint (CLIP width 64), made by the tests in
+# the folder the test host reads embeddings from (--embeddings-dir): three vectors under one name.
+EMBEDDING_NAME = "elafrogemb"
+EMBEDDING_VECTORS = 3
+TINY_SD1_CLIP_WIDTH = 64
+
+
+def write_embedding(folder: Path, name: str = EMBEDDING_NAME, vectors: int = EMBEDDING_VECTORS,
+                    width: int = TINY_SD1_CLIP_WIDTH) -> Path:
+    """A ``.pt`` embedding as the WebUI's textual-inversion training writes it (``string_to_param``)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    generator = torch.Generator().manual_seed(7)
+    torch.save({"string_to_token": {"*": 265}, "name": name, "step": 0, "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "string_to_param": {"*": torch.randn(vectors, width, generator=generator) * 0.3}}, path)
+    return path
 
 
 def link_checkout(root: Path) -> Path | None:
