@@ -103,6 +103,26 @@ def profile_loop(unet: torch.nn.Module, forward: Callable[[torch.Tensor], Any], 
     return parts
 
 
+def saved_for_backward_mib(unet: torch.nn.Module, forward: Callable[[torch.Tensor], Any], latent: torch.Tensor,
+                           layers: list[torch.nn.Module]) -> float:
+    """MiB that autograd keeps for the backward of one truncated grad pass, weights excluded: the
+    grad pass's own memory, measured exactly (unlike RSS) through ``saved_tensors_hooks``."""
+    weights = {parameter.data_ptr() for parameter in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in weights:
+            seen[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    leaf = latent.detach().float().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            AttentionCapture(layers, tuple(latent.shape[-2:]), stop_after_last=True) as capture:
+        run_truncated(capture, lambda: forward(leaf.to(latent.dtype)))
+    return sum(seen.values()) / 2 ** 20
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
     timers = Timers(device)
     timed = timers.wrap("run", fn)
@@ -124,6 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", default="up_lowest")
     parser.add_argument("--weights-frozen", action="store_true", help="also time with weights' requires_grad off")
+    parser.add_argument("--saved-only", action="store_true", help="only the memory saved for backward")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -145,17 +166,23 @@ def main() -> None:
         extra = {} if added is None else {"added_cond_kwargs": {k: v[:rows] for k, v in added.items()}}
         return unet(x, timestep, encoder_hidden_states=context[:rows], **extra)
 
+    variants = {"weights require grad": contextlib.nullcontext}
+    if args.weights_frozen:
+        variants["weights frozen"] = lambda: frozen_weights(unet)
+    layers = [module for _, module in find_cross_attention_layers(unet, args.layers)]
+    for name, context_manager in variants.items():
+        with context_manager():
+            print(f"saved for backward, {name}: {saved_for_backward_mib(unet, forward, latent, layers):.0f} MiB")
+    if args.saved_only:
+        return
     with torch.no_grad():
         one_row = median_seconds(lambda: forward(latent), args.repeats, args.device)
         guided = median_seconds(lambda: forward(torch.cat([latent, latent]), rows=2), args.repeats, args.device)
     requiring = sum(p.requires_grad for p in unet.parameters())
     print(f"{args.layout} latent {args.latent}x{args.latent} {args.dtype} {args.device}, layers {args.layers} "
-          f"({len(find_cross_attention_layers(unet, args.layers))}), {args.passes} passes per loop, "
+          f"({len(layers)}), {args.passes} passes per loop, "
           f"{requiring} of {sum(1 for _ in unet.parameters())} weight tensors require grad")
     print(f"plain forward, one row: {one_row * 1000:.0f} ms; guided forward (sampling step): {guided * 1000:.0f} ms")
-    variants = {"weights require grad": contextlib.nullcontext}
-    if args.weights_frozen:
-        variants["weights frozen"] = lambda: frozen_weights(unet)
     for name, context_manager in variants.items():
         runs, peaks = [], []
         for _ in range(args.repeats):

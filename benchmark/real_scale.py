@@ -199,6 +199,7 @@ class Row:
     anchored_steps: int
     updates: int
     warnings: tuple[str, ...]
+    finite: bool  # every image's final latent finite (random weights in float16 could overflow)
 
 
 def load_models(layout: str, divisor: int, dtype: torch.dtype, device: str) -> dict[str, Any]:
@@ -231,7 +232,8 @@ def run_benchmark(layout: str, latent: int, steps: int, dtype: torch.dtype, devi
         extra_on = max(image.peak_bytes - image.base_bytes for image in images)
         rows.append(Row(layout, latent, str(dtype).replace("torch.", ""), device, name, off_s, on_s, on_s / off_s,
                         peak_off / 2 ** 20, peak_on / 2 ** 20, extra_off / 2 ** 20, extra_on / 2 ** 20,
-                        images[-1].anchored_steps, images[-1].updates, images[-1].warnings))
+                        images[-1].anchored_steps, images[-1].updates, images[-1].warnings,
+                        all(bool(torch.isfinite(image.latents).all()) for image in off_images + images)))
     return rows
 
 
@@ -266,6 +268,8 @@ def main() -> None:
         print(format_row(row))
         for warning in row.warnings:
             print(f"  warning ({row.setting}): {warning}")
+        if not row.finite:
+            print(f"  non-finite latents ({row.setting}): this dtype overflows with random weights; try bfloat16")
     if args.json:
         with open(args.json, "w") as out:
             json.dump([asdict(row) for row in rows], out, indent=1)

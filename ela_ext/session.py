@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from .anchoring import AnchoringError, AnchorResult, SamplerSpace, anchor_latent, in_window
-from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated
+from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated, weights_frozen
 from .config import ElaConfig
 from .localize import Localization
 from .mask_grid import mask_grid
@@ -50,6 +50,7 @@ class AnchoringSession:
         self.steps: list[StepLog] = []
         self.warnings: list[str] = []
         self.failed = False
+        self._unet = unet
         try:
             self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
         except CaptureError as error:
@@ -76,7 +77,8 @@ class AnchoringSession:
         if self.failed or not in_window(step_index, total_steps, self.config):
             return latent
         try:
-            with AttentionCapture(self.layers, tuple(latent.shape[-2:]), stop_after_last=True) as capture:
+            with weights_frozen(self._unet), \
+                    AttentionCapture(self.layers, tuple(latent.shape[-2:]), stop_after_last=True) as capture:
                 result = anchor_latent(latent, space, lambda x: run_truncated(capture, lambda: forward(x)),
                                        self.targets, self.config, **loop_options)
         except Exception as error:  # noqa: BLE001 - any failure must leave the image as if off

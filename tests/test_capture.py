@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ela_ext.capture import (AttentionCapture, CaptureError, attention_probs, find_cross_attention_layers,
-                             layer_hw, run_truncated)
+                             layer_hw, run_truncated, weights_frozen)
 
 
 def all_hook_counts(model: nn.Module) -> dict:
@@ -177,3 +177,34 @@ def test_ldm_shaped_module_with_context_kwarg_and_replaced_forward(monkeypatch):
     assert torch.equal(expected, optimised)
     assert torch.allclose(expected, plain, atol=1e-5)
     assert torch.allclose(capture.maps, layer.probs.mean(1).transpose(1, 2).reshape(2, 5, 3, 4), atol=1e-6)
+
+
+def test_weights_take_no_gradient_in_a_grad_pass_and_their_flags_come_back(tiny_unet, context, clip_tokenizer):
+    from ela_ext.anchoring import SamplerSpace
+    from ela_ext.config import ElaConfig
+    from ela_ext.diffusers_adapter import prompt_targets
+    from ela_ext.session import AnchoringSession
+
+    frozen_by_host = tiny_unet.conv_in.weight
+    frozen_by_host.requires_grad_(False)
+    try:
+        before = [parameter.requires_grad for parameter in tiny_unet.parameters()]
+        during = []
+        with pytest.raises(RuntimeError, match="inside"), weights_frozen(tiny_unet):
+            during.append(any(parameter.requires_grad for parameter in tiny_unet.parameters()))
+            raise RuntimeError("inside")
+        assert during == [False] and [p.requires_grad for p in tiny_unet.parameters()] == before
+
+        def forward(x):
+            during.append(any(parameter.requires_grad for parameter in tiny_unet.parameters()))
+            return tiny_unet(x, 700, encoder_hidden_states=context)
+
+        session = AnchoringSession(tiny_unet, ElaConfig(enabled=True, max_iterations=2, loss_threshold=0.0),
+                                   prompt_targets(clip_tokenizer, ["a black cat and a green frog"], ["cat | frog"]))
+        latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        assert not torch.equal(session.maybe_anchor(latent, SamplerSpace.from_sigma(3.0), 0, 10, forward), latent)
+        assert during[1:] and not any(during[1:])
+        assert [p.requires_grad for p in tiny_unet.parameters()] == before and not frozen_by_host.requires_grad
+        assert all(parameter.grad is None for parameter in tiny_unet.parameters())
+    finally:
+        frozen_by_host.requires_grad_(True)

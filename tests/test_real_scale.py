@@ -25,7 +25,7 @@ def test_real_scale_mode_runs_off_and_on_end_to_end(layout):
                          settings=["iter1", "iter2"], divisor=16)
     assert [row.setting for row in rows] == ["iter1", "iter2"]
     for row, iterations in zip(rows, (1, 2)):
-        assert row.warnings == ()
+        assert row.warnings == () and row.finite
         assert row.anchored_steps == 2  # window 0-0.3 of 4 steps: steps 0 and 1
         assert 0 < row.updates <= 2 * iterations
         assert row.off_s > 0 and row.on_s > 0 and row.peak_off_mib > 0 and row.peak_on_mib > 0
