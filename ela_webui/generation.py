@@ -45,7 +45,6 @@ class ElaRun:
 
     def __init__(self, config: ElaConfig):
         self.config = config
-        self.passes: list[AnchoredPass] = []
         # Image index -> its first-pass and its hires-pass sampling (each batch has its own).
         self.first_pass: dict[int, AnchoredPass] = {}
         self.hires_pass: dict[int, AnchoredPass] = {}
@@ -81,7 +80,6 @@ class ElaRun:
             images.append(ImageEntities(index, position, phrases, scheduled_texts(text, steps, hires_steps)))
         if images:
             anchored = AnchoredPass(self, p, images)
-            self.passes.append(anchored)
             # The latest pass of its kind: Forge prepares its hires pass twice, and the second
             # (which releases the first's wrappers) is the one that samples.
             by_image = self.hires_pass if getattr(p, "is_hr_pass", False) else self.first_pass

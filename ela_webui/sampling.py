@@ -159,7 +159,7 @@ class AnchoredPass:
         self.denoiser = p.sampler.model_wrap_cfg
         earlier = getattr(self.denoiser.forward, "__self__", None)
         if isinstance(earlier, AnchoredPass):
-            earlier.release()  # Forge's hires pass reuses the first pass's sampler
+            earlier.release()  # Forge prepares its hires pass twice on one sampler
         self.model = host_model(p, self.denoiser)
         self.stopped = False
         self.sessions: dict[tuple, AnchoringSession] = {}
