@@ -34,6 +34,8 @@ STYLE_WORDS = frozenset({
 _WEIGHT = re.compile(r":\s*[+-]?[.\d]+")
 _SYNTAX_CHARS = re.compile(r"[()\[\]{}<>]")
 _EDGE_PUNCTUATION = "\"'.,;:!?*`~"
+# A letter or digit (\w less the underscore).
+_ALPHANUMERIC_CORE = re.compile(r"[^\W_](?:.*[^\W_])?", re.S)
 # "a photo of a cat": the framing noun is not an entity; keep what follows "of".
 _FRAMING = re.compile(
     r"^.*?\b(?:photo|photograph|picture|painting|image|drawing|illustration|render|rendering|"
@@ -47,7 +49,7 @@ POSTURE_WORDS = frozenset({
 # Relations between entities: each splits the prompt into entity parts; a posture verb before the
 # preposition belongs to the relation.
 _POSTURE = r"(?:(?:" + "|".join(sorted(POSTURE_WORDS)) + r")\s+)?"
-_RELATION = (r"\s*,\s*(?:(?:and|or)\s+)?|\s*;\s*|\.\s+|\s+(?:and|or)\s+|\s+" + _POSTURE
+_RELATION = (r"\s*,\s*(?:(?:and|or)\s+)?|\s*[;|]\s*|\.\s+|\s+(?:and|or)\s+|\s+" + _POSTURE
              + r"(?:with|next\s+to|beside|on\s+top\s+of|on|in\s+front\s+of|behind|near|under|above"
              r"|below|by)\s+|\s+(?:holding|wearing|riding|eating|chasing|carrying)\s+")
 # Scene context ("in a garden", "at night") is where the entities are, not another entity.
@@ -118,7 +120,14 @@ def _parse_phrase(text: str, index: int, spec: str) -> EntityPhrase:
     if not words:
         raise EntitySpecError(f"phrase {index} of the entity spec {spec!r} is empty")
     *attributes, entity = words
-    return EntityPhrase(entity, tuple(word for word in attributes if word not in ARTICLES))
+    return _phrase(entity, (word for word in attributes if word not in ARTICLES))
+
+
+def _phrase(entity: str, attributes: Iterable[str]) -> EntityPhrase:
+    """The entity and its attributes, each attribute once and never the entity word itself: a
+    repeated word maps to the same token columns, so it adds only work ("(cat:1.1) " * 1000 would
+    otherwise give the entity cat 999 attributes cat)."""
+    return EntityPhrase(entity, tuple(word for word in dict.fromkeys(attributes) if word != entity))
 
 
 def _check_no_duplicates(phrases: list[EntityPhrase]) -> None:
@@ -160,11 +169,22 @@ def _detect_with_patterns(text: str) -> list[EntityPhrase]:
 
 def _phrase_from_words(words: list[str]) -> EntityPhrase | None:
     """``["a", "small", "red", "teapot"]`` -> teapot with (small, red); None if nothing is left."""
-    content = [word for word in map(clean_word, words) if _is_content_word(word)]
+    content = [word for word in (_alphanumeric_core(clean_word(word)) for word in words) if _is_content_word(word)]
     if not content or content[-1] in STYLE_WORDS:
         return None
     *attributes, entity = content
-    return EntityPhrase(entity, tuple(attributes))
+    return _phrase(entity, attributes)
+
+
+def _alphanumeric_core(word: str) -> str:
+    """The word from its first to its last letter or digit ("c++" -> "c").
+
+    CLIP's tokenizer joins a run of symbols at a word's edge with the punctuation beside it ("c++,"
+    is "c", "++,"; a combining mark with no precomposed letter counts as a symbol), so only the core
+    has the same tokens alone as in the prompt, and the mapping finds the word by its tokens.
+    """
+    core = _ALPHANUMERIC_CORE.search(word)
+    return core.group(0) if core else ""
 
 
 def _is_content_word(word: str) -> bool:

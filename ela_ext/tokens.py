@@ -14,6 +14,7 @@ the final piece of a longer word (``bird`` in ``hummingbird``) does match there.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -144,8 +145,18 @@ def _find_word(word: str, text: Sequence[tuple[int, int]], tokenize_word: Tokeni
 
 
 def _cleaned(phrase: EntityPhrase) -> EntityPhrase:
-    """The phrase's words as the host tokenised them: emphasis syntax stripped, lower case."""
-    return EntityPhrase(clean_word(phrase.entity), tuple(clean_word(word) for word in phrase.attributes))
+    """The phrase's words as the host tokenised them: emphasis syntax stripped, lower case.
+
+    Raises EntitySpecError for a word with nothing left (a phrase built by hand, as ``"(:1.2)"``;
+    parse_spec and detection never give one).
+    """
+    cleaned = EntityPhrase(clean_word(phrase.entity), tuple(clean_word(word) for word in phrase.attributes))
+    empty = [word for word, clean in zip((phrase.entity, *phrase.attributes), (cleaned.entity, *cleaned.attributes))
+             if not clean]
+    if empty:
+        raise EntitySpecError(f"no word left in {', '.join(map(repr, empty))} once emphasis syntax and "
+                              "punctuation are removed")
+    return cleaned
 
 
 def _resolve_phrase(phrase: EntityPhrase, occurrences: dict[str, list[_Occurrence]]) -> ResolvedEntity:
@@ -156,13 +167,17 @@ def _resolve_phrase(phrase: EntityPhrase, occurrences: dict[str, list[_Occurrenc
 
 
 def _bound_columns(attribute_places: list[_Occurrence], entity_places: list[_Occurrence]) -> tuple[int, ...]:
-    """The attribute occurrences closest before each entity occurrence, in the same chunk."""
+    """The attribute occurrences closest before each entity occurrence, in the same chunk.
+
+    Places come in column order (``_find_word`` scans left to right), so the closest one before
+    is found by bisection: a long prompt repeating a phrase has thousands of each.
+    """
+    starts = [place.start for place in attribute_places]
     bound = []
     for entity in entity_places:
-        before = [place for place in attribute_places
-                  if place.chunk == entity.chunk and place.start < entity.start]
-        if before:
-            bound.append(max(before, key=lambda place: place.start))
+        closest = bisect.bisect_left(starts, entity.start) - 1
+        if closest >= 0 and attribute_places[closest].chunk == entity.chunk:
+            bound.append(attribute_places[closest])
     return _columns_of(bound or attribute_places)
 
 
