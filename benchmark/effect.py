@@ -23,6 +23,7 @@ than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -182,6 +183,14 @@ def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[
     return result
 
 
+def run_key(prompts: Sequence[str], seeds: Sequence[int], setting: str, config: ElaConfig, steps: int,
+            guidance: float, weights: Path) -> tuple:
+    """What a setting's images depend on: off does not depend on the engine's settings at all."""
+    run_config, direction = setting_config(setting, config)
+    settings = run_config.to_infotext() if direction else ""
+    return (list(prompts), list(seeds), setting, settings, steps, guidance, str(weights))
+
+
 def cached_run_setting(cache: Optional[Path], key: tuple, run) -> SettingResult:
     """``run()``, or its pickled result from an earlier run with the same ``key`` (prompts, seeds,
     setting, config, steps, guidance, weights): a long table resumes where it stopped."""
@@ -189,10 +198,10 @@ def cached_run_setting(cache: Optional[Path], key: tuple, run) -> SettingResult:
         return run()
     path = cache / (hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".pkl")
     if path.exists():
-        return pickle.loads(path.read_bytes())
+        return SettingResult(**pickle.loads(path.read_bytes()))
     result = run()
     cache.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(result))
+    path.write_bytes(pickle.dumps(dataclasses.asdict(result)))  # plain data: loads from any entry point
     return result
 
 
@@ -319,20 +328,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for setting in settings:
         setting_config(setting, config)  # an unknown setting fails before any sampling
     sets = prompt_sets(args)
-    pooled = {setting: SettingResult(setting) for setting in settings}
-    tables = {}
+    results: dict[str, dict[str, SettingResult]] = {family: {} for family in sets}
     with sampling_backend(args.weights, args.workers) as (model, pool):
+        for setting in settings:  # setting-major: a stopped run has whole settings over every family
+            for family, prompts in sets.items():
+                key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights)
+                results[family][setting] = cached_run_setting(args.cache, key, lambda: run_setting(
+                    model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
+    tables = {family: summary(list(by_setting.values())) for family, by_setting in results.items()}
+    pooled = {setting: SettingResult(setting) for setting in settings}
+    for by_setting in results.values():
+        for setting, result in by_setting.items():
+            pooled[setting].extend(result)
+    if not args.json:
         for family, prompts in sets.items():
-            results = []
-            for setting in settings:
-                key = (prompts, seeds, setting, config.to_infotext(), args.steps, args.guidance, str(args.weights))
-                results.append(cached_run_setting(args.cache, key, lambda: run_setting(
-                    model, prompts, seeds, setting, config, args.steps, args.guidance, pool)))
-                pooled[setting].extend(results[-1])
-            tables[family] = summary(results)
-            if not args.json:
-                print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds", flush=True)
-                (print_markdown if args.markdown else print_table)(tables[family])
+            print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds")
+            (print_markdown if args.markdown else print_table)(tables[family])
     if len(sets) > 1:
         tables["all"] = summary(list(pooled.values()))
     if args.json:

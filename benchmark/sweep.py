@@ -21,7 +21,7 @@ import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, paired, parse_seeds, run_setting,
+from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, paired, parse_seeds, run_key, run_setting,
                      sampling_backend)
 from .families import FAMILIES, family_prompts
 from .metrics import kept_rate
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     seeds = parse_seeds(args.seeds)
     with sampling_backend(args.weights, args.workers) as (model, pool):
         def run(setting: str, config: ElaConfig) -> SettingResult:
-            key = (prompts, seeds, setting, config.to_infotext(), args.steps, args.guidance, str(args.weights))
+            key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights)
             return cached_run_setting(args.cache, key, lambda: run_setting(
                 model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
         rows, off = sweep(run, parse_grid(args.grid), args.no_control, args.json)
