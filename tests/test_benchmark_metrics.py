@@ -2,6 +2,7 @@
 known objects; the prompt families' sets."""
 
 import numpy as np
+import torch
 import pytest
 
 from benchmark.families import FAMILIES, family_prompts
@@ -64,3 +65,18 @@ def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_o
     assert all(is_held_out([(s, c) for s, c in parse_prompt(p)]) for p in family_prompts("held_out", 0))
     with pytest.raises(ValueError, match="unknown prompt family"):
         family_prompts("four", 0)
+
+
+def test_mask_variants_on_hand_made_maps():
+    from benchmark.mask_quality import GROWN_SHARE, variant_masks
+    from ela_ext.tokens import EntityColumns, ResolvedEntity
+
+    maps = torch.full((77, 8, 8), 1e-3)
+    maps[2, :, :4] = torch.linspace(1, 2, 32).reshape(8, 4)  # 'circle' on the left half
+    maps[5, :, 4:] = torch.linspace(1, 2, 32).reshape(8, 4)  # 'square' on the right half
+    target = EntityColumns((ResolvedEntity("circle", (2,), ()), ResolvedEntity("square", (5,), ())), (0,))
+    grown = variant_masks(maps, target, "grown")
+    assert grown.sum(axis=(1, 2)).tolist() == [round(GROWN_SHARE * 64)] * 2
+    assert not grown[0][:, 4:].any() and not grown[1][:, :4].any()  # inside each one's dominance
+    otsu = variant_masks(maps, target, "otsu")
+    assert 0 < otsu[0].sum() <= 32 and not otsu[0][:, 4:].any()
