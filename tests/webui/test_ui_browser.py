@@ -288,3 +288,58 @@ def test_no_script_errors_in_the_console(page):
     # Network failures (the WebUI's CDN script, this machine is offline) are not ours.
     errors = [entry for entry in page.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
     assert errors == []
+
+
+def choose(driver, dropdown_id: str, *options: str) -> None:
+    """Pick ``options`` in a Gradio dropdown as a user does: open it, type, press Enter."""
+    field = driver.find_element(By.CSS_SELECTOR, f"#{dropdown_id} input")
+    for option in options:
+        field.click()
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(option)
+        wait(driver, lambda d: any(item.text.strip() == option for item in d.find_elements(
+            By.CSS_SELECTOR, f"#{dropdown_id} ul.options li")), f"{option!r} among {dropdown_id}'s options")
+        next(item for item in driver.find_elements(By.CSS_SELECTOR, f"#{dropdown_id} ul.options li")
+             if item.text.strip() == option).click()
+
+
+def test_xyz_plot_with_ela_axes_from_the_ui(page, tmp_path_factory):
+    """The X/Y/Z plot run from the UI with ELA's axes (ELA on/off against lambda, the accordion
+    closed): a grid comes back whose legend names the axes. docs/xyz.png is this screenshot."""
+    header = page.find_element(By.CSS_SELECTOR, f"#{ela_id('enabled')} > .label-wrap")
+    if view(page)["enabled"]:
+        header.click()  # closing the accordion turns ELA off: the X axis turns it on per cell
+    wait(page, lambda d: not view(d)["enabled"], "ELA off")
+    type_into(page.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea"), PROMPT)
+    choose(page, "script_list", "X/Y/Z plot")
+    choose(page, "script_txt2img_xyz_plot_x_type", "[ELA] Enabled")
+    # The values of a dropdown axis: the plot's fill button puts in all of them (False, True).
+    wait(page, lambda d: next((button for button in d.find_elements(By.ID, "xyz_grid_fill_x_tool_button")
+                               if button.is_displayed()), None), "the X fill button").click()
+    choose(page, "script_txt2img_xyz_plot_y_type", "[ELA] Lambda (attenuation weight)")
+    type_into(page.find_element(By.CSS_SELECTOR, "#script_txt2img_xyz_plot_y_values textarea"), "0.2, 0.6")
+    for name, value in (("steps", 12), ("width", 128), ("height", 128), ("seed", 1234)):
+        field = page.find_element(By.CSS_SELECTOR, f"#txt2img_{name} input[type=number]")
+        page.execute_script("arguments[0].value = arguments[1]; updateInput(arguments[0]);", field, str(value))
+    page.find_element(By.ID, "txt2img_generate").click()
+    try:  # four cells of 12 steps: longer than the UI's other waits
+        WebDriverWait(page, 300, poll_frequency=0.5).until(
+            lambda d: "Time taken" in d.find_element(By.ID, "html_log_txt2img").text)
+    except TimeoutException:
+        page.save_screenshot(str(tmp_path_factory.mktemp("screenshots") / "xyz-timeout.png"))
+        raise AssertionError(f"no grid after 300 s: {view(page)}") from None
+    # The generation's infotexts (the grid's, then each cell's) as the UI holds them.
+    info = page.execute_script("return gradioApp().querySelector('#generation_info_txt2img textarea').value")
+    assert "X Type: [ELA] Enabled" in info and "Y Type: [ELA] Lambda (attenuation weight)" in info, info
+    assert "ELA: entities=black cat | green frog;lambda=0.6;" in info and "ELA log: steps=" in info, info
+    gallery = page.find_element(By.ID, "txt2img_gallery")
+    path = tmp_path_factory.mktemp("screenshots") / "ela-xyz.png"
+    page.execute_script("arguments[0].scrollIntoView();", gallery)
+    time.sleep(0.5)
+    gallery.screenshot(str(path))
+    assert path.stat().st_size > 5000, path
+    print(f"x/y/z screenshot: {path}")
+    if os.environ.get("ELA_XYZ_SCREENSHOT"):
+        target = Path(os.environ["ELA_XYZ_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
