@@ -5,6 +5,7 @@ Two things cannot be read from an image: whether the sampler continued from the 
 variable set, the denoiser wrapper records every call of the last ELA generation (the latent it
 got, the latent after anchoring, what the call returned) and ``/ela/v1/debug/*`` serve them, the
 per-step loss log and the hook counts. Without it nothing is recorded and the routes do not exist.
+A long session (tests/webui/soak.py) also reads the live tensors and the process's memory here.
 
 A failing grad pass (NaN, out of memory, a bug) must leave the image as ELA off would have made
 it from that step on, and no hook behind. Such failures cannot be provoked from outside on a
@@ -15,6 +16,7 @@ calls ``inject_fault``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from typing import Optional
 
@@ -97,3 +99,13 @@ def hook_counts(unet: torch.nn.Module) -> dict[str, int]:
     return {name: sum(len(getattr(module, attr)) for attr in
                       ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
             for name, module in unet.named_modules() if hasattr(module, "to_q") and hasattr(module, "to_k")}
+
+
+def memory() -> dict[str, float]:
+    """Torch tensors the garbage collector tracks (after a collection) and the resident memory in MB:
+    what a generation that leaks (a kept session, a hook's closure, a cached map) makes grow."""
+    gc.collect()
+    tensors = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    with open("/proc/self/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return {"tensors": tensors, "rss_mb": rss_kb / 1024}

@@ -7,6 +7,8 @@ backtracking and embeddings included), on the first ``AND`` sub-prompt, at one s
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass
 
 from modules import extra_networks, prompt_parser, shared
@@ -19,6 +21,7 @@ from ela_webui.embeddings import EmbeddingAwareEncoder
 # The token route has no step count; step 0's text is the same for any count large enough that a
 # fractional [from:to:0.1] has not switched yet.
 PREVIEW_STEPS = 100
+_WHITESPACE_RUN = re.compile(r"\s+")
 
 
 def text_encoder(sd_model=None):
@@ -35,15 +38,43 @@ def text_encoder(sd_model=None):
 
 
 def first_sub_prompt(prompt: str) -> tuple[str, int]:
-    """The text of the first ``AND`` sub-prompt (the one ELA anchors) and the number of them."""
-    res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list([prompt])
+    """The text of the first ``AND`` sub-prompt (the one ELA anchors) and the number of them.
+
+    Whitespace runs are collapsed first: the host's sub-prompt weight pattern takes quadratic time
+    on them (14 s for 20000 spaces), and its tokenizer collapses them anyway, so the tokens are the
+    same.
+    """
+    res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list([_WHITESPACE_RUN.sub(" ", prompt)])
     return flat[res_indexes[0][0][0]], len(res_indexes[0])
 
 
+class PromptSyntaxError(ValueError):
+    """The WebUI's own prompt parser fails on the prompt (it would fail the generation too)."""
+
+
+@contextlib.contextmanager
+def host_parser():
+    """Turn what the WebUI's prompt parser raises on a malformed prompt into PromptSyntaxError:
+    ``(cat:.)`` (its emphasis pattern takes "." for a weight, then float() fails) and
+    ``[a:b:1e999]`` (an infinite step)."""
+    try:
+        yield
+    except (ValueError, OverflowError) as error:
+        hint = "; an emphasis weight in (word:weight) must be a number" if "to float" in str(error) else ""
+        raise PromptSyntaxError(f"the WebUI cannot parse this prompt: {error}{hint}") from error
+
+
 def scheduled_texts(text: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
-    """``[(end_at_step, text), ...]`` as prompt_parser schedules ``[from:to:when]`` and ``[a|b]``."""
-    schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
-        [text], steps, hires_steps, shared.opts.use_old_scheduling)[0]
+    """``[(end_at_step, text), ...]`` as prompt_parser schedules ``[from:to:when]`` and ``[a|b]``.
+
+    Both need a square bracket; without one the host's schedule is the text itself for all steps,
+    so its parser (an Earley parser: seconds on a prompt with a few dozen round brackets) is skipped.
+    """
+    if "[" not in text:
+        return [(steps if hires_steps is None or shared.opts.use_old_scheduling else hires_steps, text)]
+    with host_parser():
+        schedule = prompt_parser.get_learned_conditioning_prompt_schedules(
+            [text], steps, hires_steps, shared.opts.use_old_scheduling)[0]
     return [(end_at_step, scheduled) for end_at_step, scheduled in schedule]
 
 
@@ -86,10 +117,12 @@ class Resolved:
 def resolve(phrases: list[EntityPhrase], text: str, encoder=None) -> Resolved:
     """Tokenise ``text`` (one sub-prompt at one step) with the model and map ``phrases`` onto it.
 
-    Raises ``EntitySpecError`` (``EntityNotInPromptError`` included) with the reason.
+    Raises ``EntitySpecError`` (``EntityNotInPromptError`` included) with the reason, and
+    ``PromptSyntaxError`` where the model's own prompt parser fails.
     """
     encoder = encoder or text_encoder()
-    chunks = [list(chunk.tokens) for chunk in encoder.tokenize_line(text)[0]]
+    with host_parser():
+        chunks = [list(chunk.tokens) for chunk in encoder.tokenize_line(text)[0]]
     columns = resolve_entities(phrases, chunks, lambda word: encoder.tokenize([word])[0], pad_ids(encoder))
     return Resolved(chunks, columns)
 

@@ -1,5 +1,9 @@
 """HTTP routes: ``POST /ela/v1/tokens`` for the UI's token preview and for API users, and the
-debug routes of ``debug.py`` (only with ``ELA_DEBUG=1``)."""
+debug routes of ``debug.py`` (only with ``ELA_DEBUG=1``).
+
+The token route runs beside generations (FastAPI's thread pool, no queue lock): it only reads the
+model's tokenizer, and it refuses up front the input that would hold a thread for long.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,17 @@ from modules import shared
 
 from ela_ext.entities import EntitySpecError, format_spec
 from ela_webui import debug
-from ela_webui.prompts import (PREVIEW_STEPS, entity_phrases, first_sub_prompt, resolve, scheduled_texts,
-                               strip_extra_networks, text_encoder, token_rows)
+from ela_webui.prompts import (PREVIEW_STEPS, PromptSyntaxError, entity_phrases, first_sub_prompt, resolve,
+                               scheduled_texts, strip_extra_networks, text_encoder, token_rows)
 from ela_webui.sampling import diffusion_model
+
+# Longer input is refused (422, the reason as a string the UI shows) before any parsing. 20000 characters are ~4000 tokens, 50 chunks:
+# far past what a prompt conditions usefully; the engine's own passes stay linear in the length.
+PROMPT_MAX_CHARS = 20_000
+SPEC_MAX_CHARS = 2_000
+# A prompt with [from:to:when] or [a|b] goes through the WebUI's schedule parser, whose time grows
+# about cubically with its brackets (~1 s at 40 on one CPU core; minutes at a few hundred).
+PREVIEW_MAX_BRACKETS = 40
 
 
 class TokensRequest(BaseModel):
@@ -26,16 +38,19 @@ def tokens(request: TokensRequest) -> dict:
     """The prompt's tokens and the spec's columns, as generation's first step would resolve them.
 
     A blank ``entities`` detects them from the prompt; the spec that was used comes back as
-    ``spec``. A spec that cannot be used answers 422 with the reason.
+    ``spec``. A spec that cannot be used, a prompt the WebUI cannot parse and input over the limits
+    above answer 422 with the reason.
     """
+    _refuse_long(request)
     prompt = strip_extra_networks(request.prompt)
     text, sub_prompt_count = first_sub_prompt(prompt)
-    text = scheduled_texts(text, PREVIEW_STEPS)[0][1]
+    _refuse_costly_schedule(text)
     encoder = text_encoder()
     try:
+        text = scheduled_texts(text, PREVIEW_STEPS)[0][1]
         phrases = entity_phrases(request.entities, prompt)
         resolved = resolve(phrases, text, encoder)
-    except EntitySpecError as error:
+    except (EntitySpecError, PromptSyntaxError) as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     warnings = [resolved.problem] if resolved.problem else []
     if sub_prompt_count > 1:
@@ -53,12 +68,31 @@ def tokens(request: TokensRequest) -> dict:
     }
 
 
+def _refuse_long(request: TokensRequest) -> None:
+    for name, value, limit in (("prompt", request.prompt, PROMPT_MAX_CHARS),
+                               ("entities", request.entities, SPEC_MAX_CHARS)):
+        if len(value) > limit:
+            raise HTTPException(status_code=422, detail=f"{name} has {len(value)} characters, at most {limit}")
+
+
+def _refuse_costly_schedule(text: str) -> None:
+    brackets = text.count("(") + text.count("[")
+    if "[" in text and brackets > PREVIEW_MAX_BRACKETS:
+        raise HTTPException(status_code=422, detail=(
+            f"too many brackets to preview ({brackets}, at most {PREVIEW_MAX_BRACKETS} in a prompt with "
+            "[from:to:when] or [a|b]): the WebUI's schedule parser would take minutes"))
+
+
 def debug_calls() -> dict:
     return {"calls": debug.calls, "steps": debug.step_logs()}
 
 
 def debug_hooks() -> dict:
     return {"hooks": debug.hook_counts(diffusion_model(shared.sd_model))}
+
+
+def debug_memory() -> dict:
+    return debug.memory()
 
 
 class FaultRequest(BaseModel):
@@ -79,3 +113,4 @@ def register(_demo, app: FastAPI) -> None:
         app.add_api_route("/ela/v1/debug/calls", debug_calls, methods=["GET"])
         app.add_api_route("/ela/v1/debug/hooks", debug_hooks, methods=["GET"])
         app.add_api_route("/ela/v1/debug/fault", debug_fault, methods=["POST"])
+        app.add_api_route("/ela/v1/debug/memory", debug_memory, methods=["GET"])

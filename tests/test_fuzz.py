@@ -5,8 +5,8 @@ Users paste anything into a prompt. Each property holds for every generated inpu
 returns a result of the documented shape, or raises the engine's own ``EntitySpecError`` with a
 message naming the problem, never another exception. Prompts are built from the WebUI's syntax
 (emphasis, ``BREAK``, scheduling, alternation, ``AND``, extra-network tags, escapes), stray and
-unbalanced brackets, unicode and arbitrary text. Example counts are modest to keep CI short; every
-run draws new examples (``ELA_FUZZ_EXAMPLES`` raises the count).
+unbalanced brackets, unicode and arbitrary text (prompt_strategies.py). Example counts are modest
+to keep CI short; every run draws new examples (``ELA_FUZZ_EXAMPLES`` raises the count).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from a1111_chunks import tokenize_line
+from prompt_strategies import (ADJECTIVES, NOUNS, NUMBERS, PLAIN_WORDS, PROMPTS, SPECS, UNICODE_WORDS,
+                               WEIGHTS)
 from ela_ext.entities import (EntityPhrase, EntitySpecError, clean_word, detect_entities, format_spec,
                               parse_spec)
 from ela_ext.prompt_text import plain_prompt_text, sub_prompts
@@ -29,44 +31,10 @@ from ela_ext.tokens import CHUNK_LENGTH, EOS_ID, EntityNotInPromptError, resolve
 FUZZ = settings(max_examples=int(os.environ.get("ELA_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-NOUNS = ["cat", "frog", "teapot", "hummingbird", "quetzalcoatl", "axolotl", "cube", "ball", "garden", "dog"]
-ADJECTIVES = ["black", "green", "small", "red", "shiny", "old", "blue"]
-UNICODE_WORDS = ["café", "猫", "кот", "🐱", "naïve", "straße", "ǅemal", "x\u0301", "عربي", "İstanbul"]
-GLUE = ["a", "an", "the", "and", "or", "with", "of", "in", "on", "next to", "photo of", "sitting on", ",", ".", ";"]
-PLAIN_WORDS = st.sampled_from(NOUNS + ADJECTIVES + UNICODE_WORDS)
-# Emphasis weights as re_attention reads them; a schedule also takes an exponent.
-WEIGHTS = st.sampled_from(["1.3", "0.5", ".5", "2", "-1", "+0.8", "0", " 1.1 "])
-NUMBERS = st.one_of(WEIGHTS, st.sampled_from(["1e3", "2.5E-1"]))
-NOISE = st.sampled_from(["(", ")", "[", "]", ":", "|", "\\(", "\\)", "\\", "BREAK", " AND ", ":0.5", ":.", "::",
-                         "<lora:some_lora:0.8>", "<hypernet:net:1>", "<lora:unclosed", "\n", "\t", "  ", "",
-                         "embedding:easynegative", "\u200b", "\x00", "AND:2"])
-
-
-def _syntax(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
-    """The WebUI's prompt syntax around generated text (modules/prompt_parser.py)."""
-    return st.one_of(
-        inner.map(lambda text: f"({text})"),
-        st.tuples(inner, WEIGHTS).map(lambda parts: f"({parts[0]}:{parts[1]})"),
-        inner.map(lambda text: f"[{text}]"),
-        st.tuples(inner, inner, NUMBERS).map(lambda parts: f"[{parts[0]}:{parts[1]}:{parts[2]}]"),
-        st.tuples(inner, NUMBERS).map(lambda parts: f"[{parts[0]}:{parts[1]}]"),
-        st.lists(inner, min_size=2, max_size=3).map(lambda options: "[" + "|".join(options) + "]"),
-        st.lists(inner, min_size=2, max_size=4).map(" ".join),
-        st.lists(inner, min_size=2, max_size=3).map(" BREAK ".join),
-        st.lists(inner, min_size=2, max_size=3).map(" AND ".join),
-    )
-
-
-PROMPTS = st.one_of(
-    st.recursive(st.one_of(PLAIN_WORDS, st.sampled_from(GLUE), NOISE), _syntax, max_leaves=25),
-    st.lists(st.one_of(PLAIN_WORDS, st.sampled_from(GLUE), NOISE), max_size=30).map(" ".join),
-    st.text(max_size=200),
-)
-SPECS = st.one_of(
-    st.lists(st.lists(st.one_of(PLAIN_WORDS, NOISE), max_size=4).map(" ".join), max_size=5).map("|".join),
-    st.text(alphabet=st.sampled_from(list("ab |()[]:.,1 ")), max_size=40),
-    st.text(max_size=60),
-)
+def _word_ids(tokenizer):
+    """``tokenize_word`` for resolve_entities: the ids without BOS/EOS, as the host's
+    ``clip.tokenize([word])[0]``."""
+    return lambda word: tokenizer(word, add_special_tokens=False)["input_ids"]
 
 
 def _spec_error_named(error: EntitySpecError) -> bool:
@@ -164,9 +132,7 @@ def _assert_columns_hold_the_words(resolved, chunks, tokenize_word) -> None:
 @FUZZ
 @given(PROMPTS, st.one_of(SPECS, st.just("")), st.data())
 def test_token_mapping_gives_columns_or_names_missing_words(clip_tokenizer, prompt, spec, data):
-    def tokenize_word(word):
-        return clip_tokenizer(word, add_special_tokens=False)["input_ids"]
-
+    tokenize_word = _word_ids(clip_tokenizer)
     chunks = _host_chunks(prompt, clip_tokenizer)
     try:
         phrases = parse_spec(spec)
@@ -206,7 +172,7 @@ def test_detected_entities_are_found_in_the_host_tokens(clip_tokenizer, parts):
                       for adjective, noun, template, glue in parts)
     phrases = detect_entities(prompt, use_spacy=False)
     chunks = tokenize_line(prompt, clip_tokenizer)
-    resolved = resolve_entities(phrases, chunks, lambda word: clip_tokenizer(word, add_special_tokens=False)["input_ids"])
+    resolved = resolve_entities(phrases, chunks, _word_ids(clip_tokenizer))
     assert len(resolved.entities) == len(phrases)
 
 
@@ -235,7 +201,7 @@ def test_ten_thousand_character_prompt(clip_tokenizer, name, capsys):
     chunks = tokenize_line(prompt, clip_tokenizer)
     started = time.perf_counter()
     try:
-        resolve_entities(phrases, chunks, lambda word: clip_tokenizer(word, add_special_tokens=False)["input_ids"])
+        resolve_entities(phrases, chunks, _word_ids(clip_tokenizer))
     except EntityNotInPromptError:
         pass
     mapping_seconds = time.perf_counter() - started
@@ -273,7 +239,7 @@ def test_attribute_binding_on_a_long_repeating_prompt(clip_tokenizer):
     prompt = "an old " + "red cat, " * 600
     chunks = tokenize_line(prompt, clip_tokenizer)
     resolved = resolve_entities(parse_spec("old red cat"), chunks,
-                                lambda word: clip_tokenizer(word, add_special_tokens=False)["input_ids"])
+                                _word_ids(clip_tokenizer))
     (cat,) = resolved.entities
     old, red = cat.attributes
     assert len(cat.columns) == 600 and red.columns == tuple(column - 1 for column in cat.columns)
