@@ -10,7 +10,9 @@ truncated grad pass (forward to the subset's last layer, backward to the latent)
 this one-thread process (synchronised wall time on CUDA), relative to all 30.
 
 The weights are random (no SDXL weights reach this machine): the cost fractions hold for SDXL,
-the correlations do not say how a trained SDXL's layers agree.
+the correlations do not say how a trained SDXL's layers agree. Measured at latent 16x16 (CPU):
+the first transformer's 10 layers 0.65x the pass of all 30, its first 5 layers 0.60x, every 3rd
+layer or each transformer's first 1.00x (the pass still reaches the third transformer).
 """
 
 from __future__ import annotations
