@@ -136,7 +136,8 @@ FIELD_HELP: dict[str, str] = {
     "max_iterations": "Most latent updates per anchored step.",
     "loss_threshold": "An anchored step stops updating once the loss is below this.",
     "step_size": "Size of one latent update, relative to the latent's scale at full noise.",
-    "objective": "Loss that drives the update: ELA, or a related paper's objective.",
+    "objective": "Loss that drives the update: ela_enhance (ELA's Eq. 7 plus a presence term, the "
+                 "default), ela (Eq. 7 alone), or a related paper's objective.",
     "save_masks": "Save and show each image's attention maps and entity masks.",
     "layers": "Cross-attention layers whose maps are read (default: lowest-resolution up-block).",
     "binarization": "How maps are thresholded: the start-of-text map into background, each "
