@@ -86,10 +86,11 @@ def profile_loop(unet: torch.nn.Module, forward: Callable[[torch.Tensor], Any], 
     timers = Timers(device)
     layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
     objective = anchoring.OBJECTIVES[config.objective]
+    timed = {(capture, "attention_probs"): "map recomputation", (anchoring, "localize_target"): "localisation",
+             (anchoring, "objective_input"): "objective"}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(patched(capture, "attention_probs", timers.wrap("map recomputation", capture.attention_probs)))
-        stack.enter_context(patched(anchoring, "localize_target", timers.wrap("localisation", anchoring.localize_target)))
-        stack.enter_context(patched(anchoring, "objective_input", timers.wrap("objective", anchoring.objective_input)))
+        for (owner, name), part in timed.items():
+            stack.enter_context(patched(owner, name, timers.wrap(part, getattr(owner, name))))
         stack.enter_context(patched(anchoring, "OBJECTIVES", {config.objective: timers.wrap("objective", objective)}))
         stack.enter_context(patched(torch.autograd, "grad", timers.wrap("backward", torch.autograd.grad)))
         cap = stack.enter_context(AttentionCapture(layers, tuple(latent.shape[-2:]), stop_after_last=True))

@@ -57,9 +57,11 @@ def main() -> None:
     tokenizer = load_tokenizer()
     ids = tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
     words = list(range(1, int((ids[0] != tokenizer.eos_token_id).sum())))
+    text_encoder = build_text_encoder(unet.config.cross_attention_dim, torch.float32, args.device)
     with torch.no_grad():
-        context = build_text_encoder(unet.config.cross_attention_dim, torch.float32, args.device)(ids.to(args.device))[0]
-    added = {key: value[:1] for key, value in sdxl_added_cond(args.latent, torch.float32, args.device, args.divisor).items()}
+        context = text_encoder(ids.to(args.device))[0]
+    both_rows = sdxl_added_cond(args.latent, torch.float32, args.device, args.divisor)
+    added = {key: value[:1] for key, value in both_rows.items()}
     latent = torch.randn(1, 4, args.latent, args.latent, generator=torch.Generator().manual_seed(0)).to(args.device)
     layers = [module for _, module in find_cross_attention_layers(unet)]
     hw = (args.latent, args.latent)

@@ -28,7 +28,8 @@ def in_dtype(unet, dtype):
     copied = copy.deepcopy(unet).to(dtype)
     try:
         with torch.no_grad():
-            copied(torch.zeros(1, 4, 8, 8, dtype=dtype), 1, encoder_hidden_states=torch.zeros(1, 77, CONTEXT_DIM, dtype=dtype))
+            copied(torch.zeros(1, 4, 8, 8, dtype=dtype), 1,
+                   encoder_hidden_states=torch.zeros(1, 77, CONTEXT_DIM, dtype=dtype))
     except (RuntimeError, NotImplementedError) as error:
         pytest.skip(f"no CPU kernels for a {dtype} UNet here: {error}")
     return copied
