@@ -42,7 +42,9 @@ BAD_SPECS = ["dog | cat", "cat", "cat | | frog", "(:.)", "black cat | white cat"
 BAD_ARGS = [[True, SPEC, 5.0], [True, SPEC, "abc"], [True, SPEC, 0.3, 0, 0.5, "inf"], [True, SPEC, 0.3, 0.9, 0.1],
             [True, SPEC, 0.3, 0, 0.5, 5, 0.05, 0.1, "no-such-objective"]]
 PREVIEW_WORDS = ["a", "black", "cat", "and", "green", "frog", "(red:1.2)", "[blue]", "BREAK", "AND", "<lora:x:1>",
-                 "[a:b:0.5]", "[x|y]", "(", ")", "]", ":.", "(...:.)", "猫", "\x00", ",", "with", "teapot"]
+                 "[a:b:0.5]", "[x|y]", "猫", ",", "with", "teapot"]
+# One in four previews also gets these: stray brackets, a weight the WebUI cannot parse, NUL.
+PREVIEW_NOISE = ["(", ")", "]", ":.", "(...:.)", "\x00"]
 
 
 class Soak:
@@ -112,7 +114,8 @@ class Soak:
 
     def preview(self) -> None:
         """The token route on a random prompt and spec: 200, or 422 with a reason."""
-        prompt = " ".join(self.rng.choices(PREVIEW_WORDS, k=self.rng.randrange(1, 40)))
+        words = PREVIEW_WORDS + (PREVIEW_NOISE if self.rng.random() < 0.25 else [])
+        prompt = " ".join(self.rng.choices(words, k=self.rng.randrange(1, 40)))
         spec = self.rng.choice(["", SPEC, "cat | frog", "dog", "(:.) | x"])
         status, payload = self.server.request("POST", "/ela/v1/tokens", {"prompt": prompt, "entities": spec})
         self.preview_statuses[status] += 1
