@@ -198,15 +198,15 @@ TINY_SD1_CLIP_WIDTH = 64
 
 def write_embedding(folder: Path, name: str = EMBEDDING_NAME, vectors: int = EMBEDDING_VECTORS,
                     width: int = TINY_SD1_CLIP_WIDTH) -> Path:
-    """A ``.pt`` embedding as the WebUI's textual-inversion training writes it (``string_to_param``)."""
+    """A one-tensor ``.safetensors`` embedding, a format the WebUI loads (its safe unpickler
+    refuses the ``.pt`` files current torch writes: they hold a ``.format_version`` entry)."""
     import torch
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.pt"
+    path = folder / f"{name}.safetensors"
     generator = torch.Generator().manual_seed(7)
-    torch.save({"string_to_token": {"*": 265}, "name": name, "step": 0, "sd_checkpoint": None,
-                "sd_checkpoint_name": None,
-                "string_to_param": {"*": torch.randn(vectors, width, generator=generator) * 0.3}}, path)
+    save_file({"emb_params": torch.randn(vectors, width, generator=generator) * 0.3}, str(path))
     return path
 
 
