@@ -28,8 +28,8 @@ logger = logging.getLogger("ela")
 
 SLIDER_STEPS = {"lambda_weight": 0.05, "window_start": 0.05, "window_end": 0.05, "max_iterations": 1,
                 "loss_threshold": 0.01, "step_size": 0.01}
-LABELS = {"enabled": "Enabled", "entities": "Entities", "lambda_weight": "Lambda (attenuation weight)", "window_start": "Window start",
-          "window_end": "Window end", "max_iterations": "Iterations per step", "loss_threshold": "Loss threshold",
+LABELS = {"enabled": "Enabled", "entities": "Entities", "lambda_weight": "Lambda (attenuation weight)",
+          "window_start": "Window start", "window_end": "Window end", "max_iterations": "Iterations per step", "loss_threshold": "Loss threshold",
           "step_size": "Step size", "objective": "Objective", "save_masks": "Save mask grids",
           "layers": "Layers", "binarization": "Binarisation"}
 

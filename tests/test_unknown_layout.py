@@ -16,7 +16,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 
 CONFIG = replace(ElaConfig(enabled=True, entities="cat | frog"), window_end=1.0, max_iterations=2, loss_threshold=0.0)
-TARGETS = [EntityColumns(entities=(ResolvedEntity("cat", (2,), ()), ResolvedEntity("frog", (5,), ())), sot_columns=(0,))]
+TARGETS = [EntityColumns(entities=(ResolvedEntity("cat", (2,), ()), ResolvedEntity("frog", (5,), ())),
+                         sot_columns=(0,))]
 
 
 def unet_without_cross_attention() -> nn.Module:

@@ -17,7 +17,8 @@ import pytest
 
 from ela_ext.config import ElaConfig
 
-from webui_host import (BASELINES, CHECKPOINTS, EMBEDDING_NAME, EMBEDDING_VECTORS, SAMPLER_HISTORIES, SAMPLERS, SCRIPT_TITLE, SIZE, SPEC,
+from webui_host import (BASELINES, CHECKPOINTS, EMBEDDING_NAME, EMBEDDING_VECTORS, SAMPLER_HISTORIES, SAMPLERS,
+                        SCRIPT_TITLE, SIZE, SPEC,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
                         assert_sampler_continues_from_the_anchored_latent, decode_image, ela_args, hook_counts,
@@ -368,14 +369,16 @@ def test_xyz_objective_dropdown_and_entities_axes(host):
     ("[ELA] Loss threshold", "0.2", ";threshold=0.2;"),
 ])
 def test_xyz_numeric_axes_land_in_the_cell_infotext(host, label, values, fragment):
-    grid = host.txt2img(**txt2img_payload("Euler a", **SIZE), **ela_args(), **xyz_args((xyz_axis(host, label), values, [])))
+    grid = host.txt2img(**txt2img_payload("Euler a", **SIZE), **ela_args(),
+                        **xyz_args((xyz_axis(host, label), values, [])))
     ((_, text),) = xyz_cells(grid)
     assert fragment in text and "ELA log: steps=" in text, text
 
 
 def test_xyz_out_of_range_value_warns_and_gives_the_off_image(host):
     payload = txt2img_payload("Euler a", **SIZE)
-    grid = host.txt2img(**payload, **ela_args(), **xyz_args((xyz_axis(host, "[ELA] Lambda (attenuation weight)"), "5", [])))
+    lambda_axis = xyz_axis(host, "[ELA] Lambda (attenuation weight)")
+    grid = host.txt2img(**payload, **ela_args(), **xyz_args((lambda_axis, "5", [])))
     ((image, text),) = xyz_cells(grid)
     assert "lambda_weight must be in [0.0, 1.0], got 5.0: generated without ELA" in text
     assert pixels(image) == pixels(host.txt2img(**payload)["images"][0])
