@@ -28,8 +28,11 @@ from ela_ext.prompt_text import plain_prompt_text, sub_prompts
 from ela_ext.tokens import CHUNK_LENGTH, EOS_ID, EntityNotInPromptError, resolve_entities
 
 # ELA_FUZZ_EXAMPLES=5000 runs a deeper search than CI's.
-FUZZ = settings(max_examples=int(os.environ.get("ELA_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+EXAMPLES = int(os.environ.get("ELA_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Properties that run the host's tokenizer (transformers' pure-Python CLIP BPE, ~0.3 s an example).
+FUZZ_TOKENIZER = settings(FUZZ, max_examples=max(1, EXAMPLES * 2 // 5))
 
 def _word_ids(tokenizer):
     """``tokenize_word`` for resolve_entities: the ids without BOS/EOS, as the host's
@@ -129,7 +132,7 @@ def _assert_columns_hold_the_words(resolved, chunks, tokenize_word) -> None:
     assert resolved.sot_columns == tuple(range(0, len(flat), CHUNK_LENGTH))
 
 
-@FUZZ
+@FUZZ_TOKENIZER
 @given(PROMPTS, st.one_of(SPECS, st.just("")), st.data())
 def test_token_mapping_gives_columns_or_names_missing_words(clip_tokenizer, prompt, spec, data):
     tokenize_word = _word_ids(clip_tokenizer)
@@ -161,7 +164,7 @@ def test_token_mapping_gives_columns_or_names_missing_words(clip_tokenizer, prom
 EMPHASIS = st.sampled_from(["{}", "({})", "[{}]", "({}:1.2)", "(({}))", "{} BREAK", "{},"])
 
 
-@FUZZ
+@FUZZ_TOKENIZER
 @given(st.lists(st.tuples(st.sampled_from(ADJECTIVES + [""]), st.sampled_from(NOUNS + UNICODE_WORDS),
                           EMPHASIS, st.sampled_from(["and", "with", ",", "next to", "or"])),
                 min_size=1, max_size=6))
@@ -180,7 +183,7 @@ LONG_PROMPTS = {
     "sentence repeated": "a black cat and a green frog, " * 340,
     "whitespace run": " " * 10_000 + "a cat and a frog",
     "deep nesting": "(a " * 3_333 + ")" * 3_333,
-    "deep scheduling": "[a:" * 3_333 + "b:0.5]" * 10,
+    "schedules everywhere": "[cat:dog:0.5] " * 720,
     "unbalanced": "(" * 5_000 + "[" * 5_000,
     "weights everywhere": "(cat:1.1) " * 1_000,
     "entities everywhere": "red cat " * 1_250,
@@ -198,7 +201,9 @@ def test_ten_thousand_character_prompt(clip_tokenizer, name, capsys):
     text = sub_prompts(prompt)[0]
     phrases = detect_entities(prompt, use_spacy=False)
     text_seconds = time.perf_counter() - started
-    chunks = tokenize_line(prompt, clip_tokenizer)
+    # The tokenizer collapses whitespace itself; collapsed first, the port's pure-Python tokenizer
+    # takes a fraction of the time and gives the same chunks.
+    chunks = tokenize_line(" ".join(prompt.split()), clip_tokenizer)
     started = time.perf_counter()
     try:
         resolve_entities(phrases, chunks, _word_ids(clip_tokenizer))

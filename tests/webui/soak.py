@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.generations):
             soak.run(soak.rng.choice(Soak.KINDS))
             if (index + 1) % 25 == 0:
+                now = figures(server)
                 print(f"{index + 1}/{args.generations} generations, {time.monotonic() - started:.0f} s, "
-                      f"{len(soak.failed)} failed", flush=True)
+                      f"{len(soak.failed)} failed, RSS {now['rss_mb']:.1f} MB, {now['tensors']} tensors", flush=True)
         after = figures(server)
         off_identical = server.txt2img(**OFF_REFERENCE)["images"][0] == off_at_start
     growth = after["rss_mb"] - before["rss_mb"]
