@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ela_ext.config import ElaConfig
 from webui_host import WebUI, checkout_in_extensions
 
 webdriver = pytest.importorskip("selenium.webdriver", exc_type=ImportError,
@@ -343,3 +344,16 @@ def test_xyz_plot_with_ela_axes_from_the_ui(page, tmp_path_factory):
         target = Path(os.environ["ELA_XYZ_SCREENSHOT"])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
+
+
+def test_presets_set_the_sliders(page):
+    """"Fast" puts one pass per anchored step in the iterations slider; "Defaults" puts every
+    slider back, the way the generation reads them."""
+    def iterations(driver):
+        return driver.find_element(By.CSS_SELECTOR, f"#{ela_id('max_iterations')} input[type=number]").get_attribute("value")
+
+    page.find_element(By.ID, ela_id("preset_fast")).click()
+    wait(page, lambda d: iterations(d) == "1", "the Fast preset to set 1 iteration")
+    page.find_element(By.ID, ela_id("preset_defaults")).click()
+    wait(page, lambda d: iterations(d) == str(ElaConfig().max_iterations), "Defaults to restore the iterations")
+    assert "1.3x" in page.find_element(By.ID, ela_id("preset_fast")).get_attribute("title")
