@@ -56,3 +56,12 @@ def test_infotext_round_trip_without_characters_the_webui_would_quote():
     assert back == replace(config, save_masks=False)
     with pytest.raises(ConfigError, match="unreadable"):
         ElaConfig.from_infotext("lambda=0.3;nonsense")
+
+
+def test_presets_are_valid_settings():
+    from ela_ext.config import PRESETS
+
+    assert PRESETS["defaults"] == {}
+    for values in PRESETS.values():
+        assert replace(ElaConfig(), **values).validated()
+    assert replace(ElaConfig(), **PRESETS["fast"]).max_iterations == 1
