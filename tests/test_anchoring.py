@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ela_ext.anchoring import AnchoringError, SamplerSpace, anchor_latent, in_window, latent_step, step_scale
+from ela_ext.anchoring import AnchoringError, SamplerSpace, anchor_latent, in_window, latent_step
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 from ela_ext.config import ElaConfig, replace
 from ela_ext.session import AnchoringSession
@@ -34,11 +34,10 @@ def grad_pass_for(unet, context, timestep, space):
 def test_loop_lowers_the_loss_on_a_real_unet(tiny_unet, context, space):
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)) / space.c_in
     result = anchor_latent(latent, space, grad_pass_for(tiny_unet, context, 700, space), [TARGET], CONFIG)
-    assert 1 <= result.updates <= CONFIG.max_iterations
+    assert result.updates == CONFIG.max_iterations
     assert result.losses[-1] < result.losses[0]
-    assert all(b <= a for a, b in zip(result.losses, result.losses[1:]))  # the kept loss never rises
     assert not torch.equal(result.latent, latent)
-    # no update of z_t has RMS above step_size * sqrt(1 - alpha_bar)
+    # the change of z_t per update has RMS step_size * sqrt(1 - alpha_bar)
     change = space.to_unet_input(result.latent - latent)
     assert change.pow(2).mean().sqrt() <= CONFIG.max_iterations * CONFIG.step_size * space.noise_fraction + 1e-4
     assert result.localizations[0].entity_masks.shape == (2, 8, 8)
@@ -56,41 +55,10 @@ def test_sampler_spaces_convert_like_the_host():
     assert SamplerSpace.from_timestep(10, ALPHAS).sigma < half.sigma < SamplerSpace.from_timestep(11, ALPHAS).sigma
 
 
-def rms(step):
-    return step.flatten(1).pow(2).mean(1).sqrt()
-
-
-def test_first_step_is_normalised_per_image_and_later_ones_shrink_with_the_gradient():
+def test_step_is_normalised_per_image():
     grad = torch.stack([torch.full((4, 2, 2), 1e-3), torch.full((4, 2, 2), 50.0)])
-    scale = step_scale(grad, 0.2, 0.5)
-    assert torch.allclose(rms(latent_step(grad, scale, 0.2, 0.5)), torch.tensor([0.1, 0.1]))
-    # the step's eta is fixed by the first gradient: a gradient half as large gives half the step
-    # (a gradient normalised at every iteration, the earlier rule, kept every step at 0.1)
-    assert torch.allclose(rms(latent_step(grad / 2, scale, 0.2, 0.5)), torch.tensor([0.05, 0.05]))
-    # trust region: a gradient that grows cannot take a larger step than the first
-    assert torch.allclose(rms(latent_step(grad * 10, scale, 0.2, 0.5)), torch.tensor([0.1, 0.1]))
-
-
-def test_an_update_that_raises_the_loss_is_undone_and_ends_the_step():
-    """The first pass finds the cat concentrated in its corner; every later pass sees it spread
-    over the whole map, so the first update raised the loss: the latent is returned unchanged."""
-    passes = []
-
-    def grad_pass(x):
-        passes.append(x)
-        cat = torch.full((8, 8), 1.0 if passes[1:] else 0.1)
-        cat[:4, :4] = 1.0
-        frog = torch.zeros(8, 8)
-        frog[4:, 4:] = 1.0
-        maps = torch.full((1, 77, 8, 8), 1e-3)
-        maps[0, 1], maps[0, 2], maps[0, 5] = cat, cat, frog
-        return maps + 1e-2 * x.mean()  # a graph to the latent
-
-    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    result = anchor_latent(latent, SamplerSpace.from_sigma(3.0), grad_pass, [TARGET], CONFIG)
-    assert len(passes) == 2 and result.updates == 1
-    assert result.latent is latent
-    assert result.losses[1] == result.losses[0] > 0
+    step = latent_step(grad, 0.2, 0.5)
+    assert torch.allclose(step.flatten(1).pow(2).mean(1).sqrt(), torch.tensor([0.1, 0.1]))
 
 
 def test_window_is_a_fraction_of_the_steps():
