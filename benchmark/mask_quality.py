@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from ela_ext.anchoring import in_window
-from ela_ext.config import ElaConfig
+from ela_ext.anchoring import in_window, localize_target
+from ela_ext.config import BINARIZATION_CHOICES, ElaConfig
 from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.localize import dominance_masks, localize, top_k_mask, word_map
 
@@ -44,18 +44,17 @@ GROWN_SHARE = 0.15
 
 def variant_masks(maps: torch.Tensor, target, variant: str) -> np.ndarray:
     """(n, h, w) entity masks of one image's maps (columns, h, w) under ``variant``."""
+    if variant in BINARIZATION_CHOICES:  # the engine's own localisation
+        return localize_target(maps, target, variant).entity_masks.numpy()
     entity_maps = torch.stack([word_map(maps, entity.columns) for entity in target.entities])
     if variant == "grown":
         dominance = dominance_masks(entity_maps)
         k = max(1, round(GROWN_SHARE * entity_maps[0].numel()))
         return np.stack([top_k_mask(torch.where(d, m, m.min() - 1), k).numpy()
                          for d, m in zip(dominance, entity_maps)])
-    sot_map = maps[list(target.sot_columns)].mean(0)
-    method = "otsu" if variant == "no_background" else variant
-    if variant == "no_background":
-        sot_map = torch.zeros_like(sot_map)  # a constant map binarises to no background
+    no_background = torch.zeros_like(entity_maps[0])  # a constant map binarises to no background
     names = [entity.word for entity in target.entities]
-    return localize(entity_maps, sot_map, names, method).entity_masks.numpy()
+    return localize(entity_maps, no_background, names, "otsu").entity_masks.numpy()
 
 
 def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,

@@ -250,6 +250,19 @@ def test_img2img_tab_has_its_own_preview(page):
     wait(page, lambda d: spec_box(d).is_displayed(), "back on txt2img")
 
 
+def save_screenshot(element, tmp_path_factory, name: str, env_var: str) -> None:
+    """A screenshot of ``element`` in the test's tmp folder (checked not blank), copied to the path
+    in ``env_var`` when set (how docs/ pictures are made)."""
+    path = tmp_path_factory.mktemp("screenshots") / name
+    element.screenshot(str(path))
+    assert path.stat().st_size > 5000, path
+    print(f"screenshot: {path}")
+    if os.environ.get(env_var):
+        target = Path(os.environ[env_var])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
 def test_accordion_screenshot(page, tmp_path_factory):
     """The accordion after "Detect from prompt": judged by eye once (docs/ui.png), checked for sanity here."""
     type_into(spec_box(page), "")
@@ -275,14 +288,7 @@ def test_accordion_screenshot(page, tmp_path_factory):
         assert box["padding"] >= 4, box
         assert box["top"] >= boxes["spec"]["bottom"] - 1, (box, boxes["spec"])
         assert boxes["accordion"]["left"] <= box["left"] and box["right"] <= boxes["accordion"]["right"], box
-    path = tmp_path_factory.mktemp("screenshots") / "ela-accordion.png"
-    accordion.screenshot(str(path))
-    assert path.stat().st_size > 5000, path
-    print(f"accordion screenshot: {path}")
-    if os.environ.get("ELA_UI_SCREENSHOT"):
-        target = Path(os.environ["ELA_UI_SCREENSHOT"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+    save_screenshot(accordion, tmp_path_factory, "ela-accordion.png", "ELA_UI_SCREENSHOT")
 
 
 def test_no_script_errors_in_the_console(page):
@@ -334,16 +340,9 @@ def test_xyz_plot_with_ela_axes_from_the_ui(page, tmp_path_factory):
     assert "X Type: [ELA] Enabled" in info and "Y Type: [ELA] Lambda (attenuation weight)" in info, info
     assert "ELA: entities=black cat | green frog;lambda=0.6;" in info and "ELA log: steps=" in info, info
     gallery = page.find_element(By.ID, "txt2img_gallery")
-    path = tmp_path_factory.mktemp("screenshots") / "ela-xyz.png"
     page.execute_script("arguments[0].scrollIntoView();", gallery)
     time.sleep(0.5)
-    gallery.screenshot(str(path))
-    assert path.stat().st_size > 5000, path
-    print(f"x/y/z screenshot: {path}")
-    if os.environ.get("ELA_XYZ_SCREENSHOT"):
-        target = Path(os.environ["ELA_XYZ_SCREENSHOT"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+    save_screenshot(gallery, tmp_path_factory, "ela-xyz.png", "ELA_XYZ_SCREENSHOT")
 
 
 def test_presets_set_the_sliders(page):
