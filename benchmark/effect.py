@@ -15,7 +15,7 @@ counts images wrong off and right with the setting, ``broken`` the reverse, ``ke
 images right off that stay right. ``moved`` is the mean pixel change against the off image and
 ``shift`` how far found objects' centres moved (pixels); ``IoU`` is the entity masks' overlap with
 the objects found in the final image at the first and the last anchored step (``benchmark.metrics``).
-The random control takes steps of the first update's size in random directions: an effect a
+The random control takes updates of the same size in random directions: an effect a
 setting has and the control does not is the objective's, not the push's. ``--prompt-seed`` other
 than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose settings there.
 """

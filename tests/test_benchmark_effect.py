@@ -9,6 +9,7 @@ from ela_ext.config import ElaConfig
 
 from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, run_setting,
                               summary, worker_pool)
+from benchmark.kept import main as kept_main, right_off
 from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
 
@@ -63,3 +64,21 @@ def test_sweep_grid_is_typed_like_the_config():
 
     assert parse_grid("lambda_weight=0.1,0.5;max_iterations=3;binarization=mean") == [
         ("lambda_weight", 0.1), ("lambda_weight", 0.5), ("max_iterations", 3), ("binarization", "mean")]
+
+
+def test_right_off_maps_prompt_major_images_to_their_seeds():
+    off = SettingResult("off", [[OK, OK], [OK, MISSING], [MERGED, OK], [OK, OK], [OK, OK], [MISSING, OK]])
+    assert right_off(off, ["p0", "p1"], [7, 8, 9]) == {0: [7], 1: [7, 8]}
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_kept_runs_each_setting_on_the_right_off_images_only(capsys, tmp_path):
+    # The reported seen set's 8th prompt is right off at seeds 0 and 1 (runs/ of the README's table).
+    kept_main(["--families", "seen", "--prompt-seed", "0", "--prompts-per-family", "8", "--seeds", "0,1",
+               "--grid", "max_iterations=1", "--settings", "default,random", "--cache", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    right = int(lines[0].split(": ")[1].split()[0])
+    assert lines[0].startswith("8 prompts x 2 seeds") and right >= 1
+    rows = [line.split() for line in lines[1:]]
+    assert [(row[0], row[1]) for row in rows] == [("max_iterations=1", "default"), ("max_iterations=1", "random")]
+    assert all(0 <= int(row[3]) <= right and int(row[5]) == right for row in rows)
