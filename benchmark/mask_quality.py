@@ -29,6 +29,7 @@ from ela_ext.anchoring import in_window, localize_target
 from ela_ext.config import BINARIZATION_CHOICES, ElaConfig
 from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.localize import dominance_masks, localize, top_k_mask, word_map
+from ela_ext.tokens import EntityColumns
 
 from .attention import AttentionRecorder, anchor_layers
 from .effect import DEFAULT_WEIGHTS, parse_seeds
@@ -57,9 +58,10 @@ def variant_masks(maps: torch.Tensor, target, variant: str) -> np.ndarray:
     return localize(entity_maps, no_background, names, "otsu").entity_masks.numpy()
 
 
-def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
-                 config: ElaConfig) -> dict[tuple[str, int], list[tuple[Optional[float], float]]]:
-    """(variant, anchored step) -> per image (IoU or None, mask share of the map)."""
+def off_trajectory_maps(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
+                        config: ElaConfig) -> tuple[EntityColumns, dict[int, torch.Tensor], np.ndarray]:
+    """Sample ``prompt`` with anchoring off and return its entity target, the maps ELA would read at
+    each step of ``config``'s window, ``{step: (images, columns, h, w)}``, and the final images."""
     unet, text_encoder, tokenizer, scheduler_config = model
     target = prompt_targets(tokenizer, [prompt], [""])[0]
     recorder = AttentionRecorder(anchor_layers(unet))
@@ -76,13 +78,22 @@ def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, gu
                          on_step=on_step).latents
     finally:
         recorder.remove()
+    spatial = {}
+    for step, maps in recorded.items():
+        side = int(round(maps.shape[1] ** 0.5))
+        spatial[step] = maps.transpose(1, 2).reshape(maps.shape[0], -1, side, side)
+    return target, spatial, decode(latents)
+
+
+def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
+                 config: ElaConfig) -> dict[tuple[str, int], list[tuple[Optional[float], float]]]:
+    """(variant, anchored step) -> per image (IoU or None, mask share of the map)."""
+    target, recorded, images = off_trajectory_maps(model, prompt, seeds, steps, guidance, config)
     objects = parse_prompt(prompt)
-    regions = [evaluate(image, objects).masks for image in decode(latents)]
+    regions = [evaluate(image, objects).masks for image in images]
     scores = defaultdict(list)
     scores[("objects", -1)] = [(None, float(region.mean())) for image in regions for region in image if region.any()]
     for step, maps in sorted(recorded.items()):
-        side = int(round(maps.shape[1] ** 0.5))
-        maps = maps.transpose(1, 2).reshape(maps.shape[0], -1, side, side)
         for row, image_regions in enumerate(regions):
             for variant in VARIANTS:
                 masks = variant_masks(maps[row], target, variant)

@@ -5,6 +5,9 @@ import numpy as np
 import torch
 import pytest
 
+from ela_ext.config import ElaConfig
+
+from benchmark.effect import DEFAULT_WEIGHTS
 from benchmark.families import FAMILIES, family_prompts
 from benchmark.metrics import (centroid, centroid_shifts, kept_rate, localisation_iou, mask_iou, pixel_change,
                                upsample_mask)
@@ -80,3 +83,36 @@ def test_mask_variants_on_hand_made_maps():
     assert not grown[0][:, 4:].any() and not grown[1][:, :4].any()  # inside each one's dominance
     otsu = variant_masks(maps, target, "otsu")
     assert 0 < otsu[0].sum() <= 32 and not otsu[0][:, 4:].any()
+
+
+def test_auc_of_low_loss_predicting_right_images_by_hand():
+    from benchmark.loss_outcome import auc_low_is_right
+    losses = np.array([0.1, 0.2, 0.5, 0.3, 0.2])
+    right = np.array([True, True, False, False, False])
+    # right 0.1 beats all 3 wrong; right 0.2 beats 0.5 and 0.3 and ties 0.2: (3 + 2.5) / 6
+    assert auc_low_is_right(losses, right) == pytest.approx(5.5 / 6)
+    assert auc_low_is_right(losses, ~right) == pytest.approx(0.5 / 6)
+    assert np.isnan(auc_low_is_right(losses, np.zeros(5, dtype=bool)))
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_loss_outcome_scores_each_anchored_step_of_an_off_trajectory():
+    from benchmark.loss_outcome import prompt_losses
+    from benchmark.model import load_model
+    right, losses = prompt_losses(load_model(DEFAULT_WEIGHTS), "a white triangle and a green cross", [0, 1], 10,
+                                  5.0, ElaConfig(), ["ela_enhance", "ela"])
+    assert right.shape == (2,) and losses.shape == (2, 3, 2)  # window 0-0.3 of 10 steps: steps 0, 1, 2
+    assert np.isfinite(losses).all() and (losses >= 0).all() and (losses <= 1).all()
+    assert (losses[..., 0] != losses[..., 1]).all()  # the presence term changes the loss
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_mask_quality_scores_every_variant_at_every_anchored_step():
+    from benchmark.mask_quality import VARIANTS, score_prompt
+    from benchmark.model import load_model
+    scores = score_prompt(load_model(DEFAULT_WEIGHTS), "a red circle and a blue square", [0, 1], 10, 5.0, ElaConfig())
+    assert {key for key in scores if key[0] != "objects"} == {(v, s) for v in VARIANTS for s in range(3)}
+    for (variant, _), values in scores.items():
+        if variant != "objects":
+            assert len(values) == 2 and all(iou is None or 0 <= iou <= 1 for iou, _ in values)
+            assert all(0 < share < 1 for _, share in values)
