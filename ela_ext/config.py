@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-OBJECTIVE_NAMES = ("ela", "ela_enhance", "attend_excite", "iou", "center_of_mass", "kl", "cluster",
-                   "separate_enhance")
+OBJECTIVE_NAMES = ("ela", "ela_enhance", "attend_excite", "attend_excite_paper", "iou", "center_of_mass", "kl",
+                   "cluster", "separate_enhance")
 LAYER_CHOICES = ("up_lowest", "up_lowest+mid", "mid", "up_all", "down_lowest")
 BINARIZATION_CHOICES = ("otsu", "mean", "half")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 _EPS = 1e-8
 
@@ -21,13 +22,17 @@ class ObjectiveInput:
     """One image's maps. ``word_maps``: (m, h, w), one per entity or attribute word;
     ``word_masks``: (m, h, w) float, an attribute carrying its entity's mask (method.md 5);
     ``word_entity[i]``: the entity index word i belongs to; ``text_share``: (h, w) the attention
-    mass on all non-start-of-text columns, used to renormalise over text like Attend-and-Excite."""
+    mass on all non-start-of-text columns, used to renormalise over text like Attend-and-Excite;
+    ``text_maps``: (t, h, w) the maps of the prompt's text tokens (no start-of-text, end-of-text or
+    padding) and ``entity_text_columns[e]``: entity e's rows in them, for A&E's own softmax."""
 
     word_maps: torch.Tensor
     word_masks: torch.Tensor
     word_entity: Sequence[int]
     text_share: torch.Tensor
     lambda_weight: float = 0.3
+    text_maps: Optional[torch.Tensor] = None
+    entity_text_columns: Sequence[Sequence[int]] = ()
 
     def entity_maps(self) -> torch.Tensor:
         """Each entity's own map (its first word is the entity word itself)."""
@@ -71,6 +76,29 @@ def _spatial_distributions(maps: torch.Tensor) -> torch.Tensor:
 def attend_excite_loss(inputs: ObjectiveInput) -> torch.Tensor:
     """Attend-and-Excite: ``max_e (1 - max_pixels A_e)``, the most neglected entity's peak."""
     peaks = _text_normalized(inputs, inputs.entity_maps()).flatten(1).amax(1).clamp(0, 1)
+    return (1 - peaks).max()
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """A&E's smoothing before the max: a 3x3 Gaussian (sigma 0.5), reflect padding. (n, h, w)."""
+    coords = torch.arange(3, dtype=maps.dtype, device=maps.device) - 1
+    kernel_1d = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    kernel_1d = kernel_1d / kernel_1d.sum()
+    kernel = (kernel_1d[:, None] * kernel_1d[None, :])[None, None]
+    mode = "reflect" if min(maps.shape[-2:]) > 1 else "replicate"
+    padded = F.pad(maps[:, None], (1, 1, 1, 1), mode=mode)
+    return F.conv2d(padded, kernel)[:, 0]
+
+
+def attend_excite_paper_loss(inputs: ObjectiveInput) -> torch.Tensor:
+    """Attend-and-Excite as its paper computes it: each pixel's attention over the prompt's text
+    tokens times 100, softmax over those tokens; each entity's map Gaussian-smoothed; the loss
+    ``max_e (1 - max_pixels A_e)``. The shared loop runs instead of its refinement schedule."""
+    if inputs.text_maps is None or not all(inputs.entity_text_columns):
+        raise ValueError("attend_excite_paper needs the prompt's text-token maps and each entity's columns in them")
+    text_probabilities = torch.softmax(100 * inputs.text_maps, dim=0)
+    entities = torch.stack([text_probabilities[list(rows)].mean(0) for rows in inputs.entity_text_columns])
+    peaks = gaussian_smooth(entities).flatten(1).amax(1)
     return (1 - peaks).max()
 
 
@@ -170,6 +198,7 @@ def ela_enhance_loss(inputs: ObjectiveInput) -> torch.Tensor:
 OBJECTIVES: dict[str, Callable[[ObjectiveInput], torch.Tensor]] = {
     "ela": ela_loss,
     "attend_excite": attend_excite_loss,
+    "attend_excite_paper": attend_excite_paper_loss,
     "iou": iou_loss,
     "center_of_mass": center_of_mass_loss,
     "kl": kl_loss,

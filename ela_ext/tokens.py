@@ -15,7 +15,7 @@ the final piece of a longer word (``bird`` in ``hummingbird``) does match there.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from .entities import EntityPhrase, EntitySpecError, clean_word
@@ -57,10 +57,14 @@ class ResolvedEntity:
 
 @dataclass(frozen=True)
 class EntityColumns:
-    """Columns of all entities of one conditioning row, plus its start-of-text columns."""
+    """Columns of all entities of one conditioning row, plus its start-of-text columns and the
+    columns of all its text tokens (start-of-text, end-of-text and padding left out: the tokens
+    Attend-and-Excite's softmax runs over). Two rows anchor alike when their entities and
+    start-of-text columns match; ``text_columns`` does not enter the comparison."""
 
     entities: tuple[ResolvedEntity, ...]
     sot_columns: tuple[int, ...]
+    text_columns: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def n_columns(self) -> int:
@@ -108,7 +112,8 @@ def resolve_entities(phrases: Iterable[EntityPhrase], chunks: Sequence[Sequence[
     if missing:
         raise EntityNotInPromptError(missing)
     entities = tuple(_resolve_phrase(phrase, occurrences) for phrase in phrases)
-    return EntityColumns(entities, tuple(CHUNK_LENGTH * c for c in range(len(chunks))))
+    return EntityColumns(entities, tuple(CHUNK_LENGTH * c for c in range(len(chunks))),
+                         tuple(column for column, _ in text))
 
 
 def token_table(chunks: Sequence[Sequence[int]], decode_id: Callable[[int], str],

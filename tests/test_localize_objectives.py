@@ -117,7 +117,8 @@ def test_overlap_objectives_order_overlapping_above_separated():
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_is_bounded_and_differentiable(name):
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-    inputs = ObjectiveInput(maps, (torch.rand(3, 4, 4) > 0.5).float(), [0, 0, 1], torch.full((4, 4), 2.0))
+    inputs = ObjectiveInput(maps, (torch.rand(3, 4, 4) > 0.5).float(), [0, 0, 1], torch.full((4, 4), 2.0),
+                            text_maps=maps, entity_text_columns=[(0,), (2,)])
     loss = OBJECTIVES[name](inputs)
     assert 0.0 <= loss.item() <= 1.0
     (grad,) = torch.autograd.grad(loss, [maps])
@@ -152,3 +153,20 @@ def test_ela_enhance_adds_presence_that_pure_ela_lacks():
     assert ela_enhance_loss(after) < ela_enhance_loss(before)
     expected = (ela_loss(before) + ((1 - 0.5) + (1 - 0.05)) / 2) / 2
     assert ela_enhance_loss(before).item() == pytest.approx(expected.item())
+
+
+def test_attend_excite_paper_softmaxes_text_tokens_and_smooths_before_the_max():
+    """A&E's own form: per pixel a softmax over the text tokens at temperature 1/100, a 3x3
+    Gaussian (sigma 0.5) before the max. Entity 0 wins only the centre pixel, so its smoothed
+    peak is the kernel's centre weight; entity 1 wins the rest and is not the weakest."""
+    cat = torch.zeros(3, 3)
+    cat[1, 1] = 0.5
+    frog = 0.5 - cat
+    inputs = ObjectiveInput(torch.stack([cat, frog]), torch.zeros(2, 3, 3), [0, 1], torch.ones(3, 3),
+                            text_maps=torch.stack([cat, frog]), entity_text_columns=[(0,), (1,)])
+    edge = math.exp(-2)  # exp(-1 / (2 * 0.5^2))
+    centre_weight = (1 / (1 + 2 * edge)) ** 2
+    assert OBJECTIVES["attend_excite_paper"](inputs).item() == pytest.approx(1 - centre_weight, abs=1e-4)
+    assert attend_excite_loss(inputs).item() == pytest.approx(0.5)  # the project's form: 1 - raw peak
+    with pytest.raises(ValueError, match="text-token maps"):
+        OBJECTIVES["attend_excite_paper"](ObjectiveInput(inputs.word_maps, inputs.word_masks, [0, 1], torch.ones(3, 3)))

@@ -169,3 +169,12 @@ def test_token_table_lists_text_tokens_with_columns(clip_tokenizer):
     chunks = tokenize_line("a cat BREAK an axolotl", clip_tokenizer)
     assert token_table(chunks, clip_tokenizer.convert_ids_to_tokens) == [
         (1, "a</w>"), (2, "cat</w>"), (78, "an</w>"), (79, "ax"), (80, "o"), (81, "lot"), (82, "l</w>")]
+
+
+def test_text_columns_are_the_prompts_tokens_without_start_end_or_padding(clip_tokenizer):
+    """Attend-and-Excite's softmax runs over these; they do not decide whether two rows match."""
+    resolved = resolve("a black cat", "black cat", clip_tokenizer)
+    assert resolved.text_columns == (1, 2, 3)
+    long = resolve("a cat " * 40, "cat", clip_tokenizer)  # two chunks: each chunk's text, no BOS/EOS
+    assert long.text_columns[:2] == (1, 2) and 77 not in long.text_columns and 78 in long.text_columns
+    assert resolved == EntityColumns(resolved.entities, resolved.sot_columns)

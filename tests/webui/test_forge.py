@@ -139,6 +139,12 @@ def test_on_changes_the_image_and_the_loss_falls(forge_model, sampler):
 
 
 @pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
+def test_attend_excite_paper_reads_the_text_columns_through_forge(forge_model):
+    """A&E's paper form needs the prompt's text-token columns from Forge's text engines."""
+    assert_on_changes_the_image_and_the_loss_falls(forge_model, "Euler a", objective="attend_excite_paper")
+
+
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
 @pytest.mark.parametrize("sampler, history", SAMPLER_HISTORIES)
 def test_sampler_continues_from_the_anchored_latent(forge_model, sampler, history):
     """As in test_webui.py: the write must reach Forge's own sampler state, not only the UNet."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ela_ext.config import ElaConfig
+from ela_ext.config import OBJECTIVE_NAMES, ElaConfig
 
 from webui_host import (BASELINES, CHECKPOINTS, EMBEDDING_NAME, EMBEDDING_VECTORS, SAMPLER_HISTORIES, SAMPLERS,
                         SCRIPT_TITLE, SIZE, SPEC,
@@ -45,6 +45,14 @@ def test_off_is_byte_identical_to_no_extension(webui, absent_images, name):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_on_changes_the_image_and_the_loss_falls(model_host, sampler):
     assert_on_changes_the_image_and_the_loss_falls(model_host, sampler)
+
+
+@pytest.mark.parametrize("model_host", MODELS, indirect=True)
+@pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
+def test_every_objective_anchors_with_a_falling_loss(model_host, objective):
+    """Each objective in the dropdown reads what it needs through the real host (A&E's paper form:
+    the prompt's text-token columns, on SDXL from both encoders' layout)."""
+    assert_on_changes_the_image_and_the_loss_falls(model_host, "Euler a", objective=objective)
 
 
 @pytest.mark.parametrize("model_host", MODELS, indirect=True)

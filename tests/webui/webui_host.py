@@ -334,15 +334,15 @@ def assert_off_is_byte_identical_to_no_extension(server: WebUI, payload: dict,
     assert no_entry["images"][0] == absent_image_or_skip(absent_images, name)
 
 
-def assert_on_changes_the_image_and_the_loss_falls(server: WebUI, sampler: str) -> None:
+def assert_on_changes_the_image_and_the_loss_falls(server: WebUI, sampler: str, **changes) -> None:
     """ELA on changes the pixels, says so in the infotext, leaves no hook, and anchors steps 0-2
     (the window) with at least one update each and a falling loss. Warnings may report mask
     fallbacks (the tiny random host model's start-of-text map is no background), never that
-    anchoring stopped or left the image unanchored."""
+    anchoring stopped or left the image unanchored. ``changes``: ELA settings other than the defaults."""
     payload = txt2img_payload(sampler, **SIZE)
     hooks_before = hook_counts(server)
     off = server.txt2img(**payload)
-    on = server.txt2img(**payload, **ela_args())
+    on = server.txt2img(**payload, **ela_args(**changes))
     assert hook_counts(server) == hooks_before
     assert pixels(on["images"][0]) != pixels(off["images"][0])
     assert f"ELA: entities={SPEC};" in infotext(on)
