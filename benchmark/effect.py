@@ -176,6 +176,12 @@ def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[
     prompt by prompt in ``pool``. Results come in prompt order either way, and ``seconds`` sums the
     sampling time of each prompt, so seconds per image do not depend on the number of workers."""
     jobs = [(index, prompt, list(seeds), setting, config, steps, guidance) for index, prompt in enumerate(prompts)]
+    return run_jobs(model, jobs, setting, pool)
+
+
+def run_jobs(model: Optional[tuple], jobs: Sequence[tuple], setting: str,
+             pool: Optional[ProcessPoolExecutor] = None) -> SettingResult:
+    """``run_prompt``'s argument tuples (after the model), here or in ``pool``, pooled in order."""
     outputs = pool.map(_run_prompt_in_worker, jobs) if pool is not None else (run_prompt(model, *job) for job in jobs)
     result = SettingResult(setting)
     for output in outputs:

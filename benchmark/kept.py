@@ -24,8 +24,8 @@ import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, parse_seeds, run_key, run_prompt,
-                     run_setting, sampling_backend, setting_config, _run_prompt_in_worker)
+from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, parse_seeds, run_jobs, run_key, run_setting,
+                     sampling_backend, setting_config)
 from .families import family_prompts
 from .metrics import pixel_change
 from .sweep import parse_grid
@@ -75,11 +75,7 @@ def main(argv=None) -> None:
             for setting in settings:
                 jobs = [(index, prompts[index], right[index], setting, config, args.steps, args.guidance)
                         for index in sorted(right)]
-                outputs = (pool.map(_run_prompt_in_worker, jobs) if pool is not None
-                           else (run_prompt(model, *job) for job in jobs))
-                result = SettingResult(setting)
-                for output in outputs:
-                    result.extend(output)
+                result = run_jobs(model, jobs, setting, pool)
                 kept = sum(result.correct)
                 moved = np.mean([pixel_change(a, b) for a, b in zip(off_images, result.images)])
                 print(f"{name}={value:<8} {setting:16s} kept {kept:3d} / {len(off_images)} "

@@ -113,10 +113,8 @@ def objective_input(maps: torch.Tensor, target: EntityColumns, localization: Loc
             word_masks.append(mask)
             word_entity.append(index)
     text_share = 1 - maps[list(target.sot_columns)].sum(0)
-    position = {column: index for index, column in enumerate(target.text_columns)}
-    entity_text_columns = [tuple(position[c] for c in entity.columns if c in position) for entity in target.entities]
     return ObjectiveInput(torch.stack(word_maps), torch.stack(word_masks), word_entity, text_share, lambda_weight,
-                          maps[list(target.text_columns)] if target.text_columns else None, entity_text_columns)
+                          maps, target)
 
 
 def localize_target(maps: torch.Tensor, target: EntityColumns, binarization: str) -> Localization:

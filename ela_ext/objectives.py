@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .tokens import EntityColumns
+
 _EPS = 1e-8
 
 
@@ -23,16 +25,16 @@ class ObjectiveInput:
     ``word_masks``: (m, h, w) float, an attribute carrying its entity's mask (method.md 5);
     ``word_entity[i]``: the entity index word i belongs to; ``text_share``: (h, w) the attention
     mass on all non-start-of-text columns, used to renormalise over text like Attend-and-Excite;
-    ``text_maps``: (t, h, w) the maps of the prompt's text tokens (no start-of-text, end-of-text or
-    padding) and ``entity_text_columns[e]``: entity e's rows in them, for A&E's own softmax."""
+    ``column_maps``: (columns, h, w) every column's map and ``target`` the row's columns, for an
+    objective that needs more than the words' maps (A&E's own softmax over the text tokens)."""
 
     word_maps: torch.Tensor
     word_masks: torch.Tensor
     word_entity: Sequence[int]
     text_share: torch.Tensor
     lambda_weight: float = 0.3
-    text_maps: Optional[torch.Tensor] = None
-    entity_text_columns: Sequence[Sequence[int]] = ()
+    column_maps: Optional[torch.Tensor] = None
+    target: Optional[EntityColumns] = None
 
     def entity_maps(self) -> torch.Tensor:
         """Each entity's own map (its first word is the entity word itself)."""
@@ -94,10 +96,13 @@ def attend_excite_paper_loss(inputs: ObjectiveInput) -> torch.Tensor:
     """Attend-and-Excite as its paper computes it: each pixel's attention over the prompt's text
     tokens times 100, softmax over those tokens; each entity's map Gaussian-smoothed; the loss
     ``max_e (1 - max_pixels A_e)``. The shared loop runs instead of its refinement schedule."""
-    if inputs.text_maps is None or not all(inputs.entity_text_columns):
-        raise ValueError("attend_excite_paper needs the prompt's text-token maps and each entity's columns in them")
-    text_probabilities = torch.softmax(100 * inputs.text_maps, dim=0)
-    entities = torch.stack([text_probabilities[list(rows)].mean(0) for rows in inputs.entity_text_columns])
+    if inputs.column_maps is None or inputs.target is None or not inputs.target.text_columns:
+        raise ValueError("attend_excite_paper needs every column's map and the prompt's text-token columns")
+    text_columns = inputs.target.text_columns
+    row = {column: index for index, column in enumerate(text_columns)}
+    text_probabilities = torch.softmax(100 * inputs.column_maps[list(text_columns)], dim=0)
+    entities = torch.stack([text_probabilities[[row[c] for c in entity.columns]].mean(0)
+                            for entity in inputs.target.entities])
     peaks = gaussian_smooth(entities).flatten(1).amax(1)
     return (1 - peaks).max()
 

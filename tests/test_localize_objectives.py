@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ela_ext.tokens import EntityColumns, ResolvedEntity
 from ela_ext.localize import binarize, dominance_masks, localize, otsu_threshold, word_map
 from ela_ext.objectives import (OBJECTIVES, ObjectiveInput, attend_excite_loss, attenuation_loss,
                                 center_of_mass_loss, cluster_loss, concentration_loss, ela_loss, iou_loss,
@@ -118,7 +119,8 @@ def test_overlap_objectives_order_overlapping_above_separated():
 def test_every_objective_is_bounded_and_differentiable(name):
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     inputs = ObjectiveInput(maps, (torch.rand(3, 4, 4) > 0.5).float(), [0, 0, 1], torch.full((4, 4), 2.0),
-                            text_maps=maps, entity_text_columns=[(0,), (2,)])
+                            column_maps=maps, target=EntityColumns((ResolvedEntity("a", (0,), ()),
+                                                                    ResolvedEntity("b", (2,), ())), (), (0, 1, 2)))
     loss = OBJECTIVES[name](inputs)
     assert 0.0 <= loss.item() <= 1.0
     (grad,) = torch.autograd.grad(loss, [maps])
@@ -163,10 +165,12 @@ def test_attend_excite_paper_softmaxes_text_tokens_and_smooths_before_the_max():
     cat[1, 1] = 0.5
     frog = 0.5 - cat
     inputs = ObjectiveInput(torch.stack([cat, frog]), torch.zeros(2, 3, 3), [0, 1], torch.ones(3, 3),
-                            text_maps=torch.stack([cat, frog]), entity_text_columns=[(0,), (1,)])
+                            column_maps=torch.stack([torch.ones(3, 3), cat, frog]),  # start-of-text first
+                            target=EntityColumns((ResolvedEntity("cat", (1,), ()), ResolvedEntity("frog", (2,), ())),
+                                                 (0,), (1, 2)))
     edge = math.exp(-2)  # exp(-1 / (2 * 0.5^2))
     centre_weight = (1 / (1 + 2 * edge)) ** 2
     assert OBJECTIVES["attend_excite_paper"](inputs).item() == pytest.approx(1 - centre_weight, abs=1e-4)
     assert attend_excite_loss(inputs).item() == pytest.approx(0.5)  # the project's form: 1 - raw peak
-    with pytest.raises(ValueError, match="text-token maps"):
+    with pytest.raises(ValueError, match="text-token columns"):
         OBJECTIVES["attend_excite_paper"](ObjectiveInput(inputs.word_maps, inputs.word_masks, [0, 1], torch.ones(3, 3)))
