@@ -1,7 +1,7 @@
 """What anchoring fixes on the bundled model: the same prompts and seeds with anchoring off, with
 each objective, and with a random-direction control, judged by the exact evaluator.
 
-    python -m benchmark.effect [--families held_out,seen,three] [--prompts-per-family 16]
+    python -m benchmark.effect [--families held_out,seen,three[,single]] [--prompts-per-family 16]
                                [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
                                [--settings off,default,random,ela,attend_excite,...]
                                [--json] [--workers 2] [--cache runs/effect]
@@ -14,7 +14,9 @@ uses. Each setting sees the same initial noise per (prompt, seed), so results ar
 counts images wrong off and right with the setting, ``broken`` the reverse, ``kept`` the share of
 images right off that stay right. ``moved`` is the mean pixel change against the off image and
 ``shift`` how far found objects' centres moved (pixels); ``IoU`` is the entity masks' overlap with
-the objects found in the final image at the first and the last anchored step (``benchmark.metrics``).
+the objects found in the final image at the first and the last anchored step; ``clean`` the share of
+found objects drawn in one colour (``benchmark.metrics``: ground-truth renders score 100%), judged
+again from the kept images when the table is made, so cached results need no new field.
 The random control takes updates of the same size in random directions: an effect a
 setting has and the control does not is the objective's, not the push's. ``--prompt-seed`` other
 than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose settings there.
@@ -44,7 +46,7 @@ from ela_ext.diffusers_adapter import sample
 
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
 from .families import FAMILIES, family_prompts
-from .metrics import Centroid, centroid, centroid_shifts, kept_rate, localisation_iou, pixel_change
+from .metrics import Centroid, centroid, centroid_shifts, clean_objects, kept_rate, localisation_iou, pixel_change
 from .model import decode, initial_noise, load_model
 from .scenes import parse_prompt
 
@@ -218,14 +220,29 @@ def paired(off: SettingResult, other: SettingResult) -> tuple[int, int]:
     return fixed, broken
 
 
-def summary(results: list[SettingResult]) -> list[dict]:
+def clean_share(result: SettingResult, prompts: Sequence[str]) -> Optional[float]:
+    """Share of the objects found as their own component that are drawn clean
+    (``metrics.clean_objects``), judged again from the images (prompt-major: image i answers
+    ``prompts[i // seeds]``); None without images or without a found object."""
+    if not result.images:
+        return None
+    per_prompt = len(result.images) // len(prompts)
+    flags = [flag for index, image in enumerate(result.images)
+             for flag in clean_objects(image, evaluate(image, parse_prompt(prompts[index // per_prompt])))
+             if flag is not None]
+    return sum(flags) / len(flags) if flags else None
+
+
+def summary(results: list[SettingResult], prompts: Sequence[str]) -> list[dict]:
+    """One row per setting; ``prompts`` are the ones every result sampled, in order."""
     off = next((r for r in results if r.name == "off"), None)
     rows = []
     for result in results:
         n = len(result.statuses)
         row = {"setting": result.name, "images": n, "both_correct": result.rate(OK), "apart": result.apart_rate(),
-               **{kind: result.rate(kind) for kind in FAILURES}, "seconds_per_image": result.seconds / n,
-               "iou_first": result.mean_iou(0), "iou_last": result.mean_iou(-1)}
+               **{kind: result.rate(kind) for kind in FAILURES}, "clean": clean_share(result, prompts),
+               "seconds_per_image": result.seconds / n, "iou_first": result.mean_iou(0),
+               "iou_last": result.mean_iou(-1)}
         if off is not None and result is not off:
             row["time_vs_off"] = result.seconds / off.seconds
             row["fixed"], row["broken"] = paired(off, result)
@@ -244,7 +261,7 @@ def _cell(value: Optional[float], spec: str, width: int) -> str:
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
     header = (f"{'setting':16s} {'images':>6s} {'both ok':>8s} {'kept':>6s} {'apart':>6s} {'missing':>8s} "
-              f"{'wrong col':>9s} {'merged':>7s} {'wrong shp':>9s} {'moved':>6s} {'shift':>5s} {'IoU 1st':>7s} "
+              f"{'wrong col':>9s} {'merged':>7s} {'wrong shp':>9s} {'clean':>6s} {'moved':>6s} {'shift':>5s} {'IoU 1st':>7s} "
               f"{'IoU end':>7s} {'s/image':>8s} {'time/off':>8s} {'fixed':>6s} {'broken':>6s}")
     print(header, file=out)
     for row in rows:
@@ -252,7 +269,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
                         if "time_vs_off" in row else f"{'':8s} {'':6s} {'':6s}")
         print(f"{row['setting']:16s} {row['images']:6d} {row['both_correct']:8.1%} {_cell(row.get('kept'), '.0%', 6)} "
               f"{row['apart']:6.1%} {row[MISSING]:8.1%} {row[WRONG_COLOUR]:9.1%} {row[MERGED]:7.1%} "
-              f"{row[WRONG_SHAPE]:9.1%} {_cell(row.get('pixel_change'), '.1%', 6)} "
+              f"{row[WRONG_SHAPE]:9.1%} {_cell(row['clean'], '.1%', 6)} {_cell(row.get('pixel_change'), '.1%', 6)} "
               f"{_cell(row.get('centroid_shift'), '.1f', 5)} {_cell(row['iou_first'], '.2f', 7)} "
               f"{_cell(row['iou_last'], '.2f', 7)} {row['seconds_per_image']:8.3f} {paired_cells}", file=out)
 
@@ -263,9 +280,9 @@ def _percent(value: Optional[float]) -> str:
 
 def print_markdown(rows: list[dict], out=sys.stdout) -> None:
     """The README's comparison table: one row per setting, paired columns against off."""
-    print("| setting | both correct | kept | missing | merged | wrong colour | wrong shape | moved (pixels / "
+    print("| setting | both correct | kept | missing | merged | wrong colour | wrong shape | clean | moved (pixels / "
           "centre shift) | mask IoU first -> last step | time vs off | fixed / broken |", file=out)
-    print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
     for row in rows:
         paired_row = "time_vs_off" in row
         moved = (f"{_percent(row.get('pixel_change'))} / "
@@ -273,7 +290,7 @@ def print_markdown(rows: list[dict], out=sys.stdout) -> None:
         iou = ("-" if row["iou_first"] is None
                else f"{row['iou_first']:.2f} -> {row['iou_last']:.2f}")
         print(f"| {row['setting']} | {row['both_correct']:.1%} | {_percent(row.get('kept'))} | {row[MISSING]:.1%} | "
-              f"{row[MERGED]:.1%} | {row[WRONG_COLOUR]:.1%} | {row[WRONG_SHAPE]:.1%} | "
+              f"{row[MERGED]:.1%} | {row[WRONG_COLOUR]:.1%} | {row[WRONG_SHAPE]:.1%} | {_percent(row['clean'])} | "
               f"{moved if paired_row else '-'} | {iou} | "
               f"{format(row['time_vs_off'], '.2f') + 'x' if paired_row else '1x'} | "
               f"{str(row['fixed']) + ' / ' + str(row['broken']) if paired_row else '-'} |", file=out)
@@ -341,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights)
                 results[family][setting] = cached_run_setting(args.cache, key, lambda: run_setting(
                     model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
-    tables = {family: summary(list(by_setting.values())) for family, by_setting in results.items()}
+    tables = {family: summary(list(by_setting.values()), sets[family]) for family, by_setting in results.items()}
     pooled = {setting: SettingResult(setting) for setting in settings}
     for by_setting in results.values():
         for setting, result in by_setting.items():
@@ -351,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds")
             (print_markdown if args.markdown else print_table)(tables[family])
     if len(sets) > 1:
-        tables["all"] = summary(list(pooled.values()))
+        tables["all"] = summary(list(pooled.values()), [p for prompts in sets.values() for p in prompts])
     if args.json:
         print(json.dumps({"config": config.to_infotext(), "families": {f: len(p) for f, p in sets.items()},
                           "seeds": len(seeds), "steps": args.steps, "guidance": args.guidance, "tables": tables},

@@ -3,22 +3,24 @@
 import io
 import json
 
+import numpy as np
 import pytest
 
 from ela_ext.config import ElaConfig
 
-from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, run_setting,
-                              summary, worker_pool)
+from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, print_table,
+                              run_setting, summary, worker_pool)
 from benchmark.kept import main as kept_main, right_off
 from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+from benchmark.scenes import PALETTE, render
 
 
 def test_paired_counts_and_rates_by_hand():
     off = SettingResult("off", [[OK, OK], [OK, MISSING], [MERGED, MERGED], [OK, WRONG_COLOUR]], seconds=2.0)
     ela = SettingResult("ela", [[OK, MISSING], [OK, OK], [OK, OK], [OK, WRONG_COLOUR]], seconds=5.0)
     assert paired(off, ela) == (2, 1)
-    rows = summary([off, ela])
+    rows = summary([off, ela], ["p0", "p1"])  # no images kept: no cleanliness
     assert rows[0]["both_correct"] == 0.25 and rows[0][MERGED] == 0.25 and rows[0][MISSING] == 0.25
     assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
     assert rows[0]["apart"] == 0.5 and rows[1]["apart"] == 0.75  # no object missing or merged
@@ -26,7 +28,7 @@ def test_paired_counts_and_rates_by_hand():
     assert rows[1]["kept"] == 0.0  # the one image right off is broken
     table = io.StringIO()
     print_markdown(rows, table)
-    assert "| ela | 50.0% | 0.0% | 25.0% | 0.0% | 25.0% | 0.0% | - / - px | - | 2.50x | 2 / 1 |" in table.getvalue()
+    assert "| ela | 50.0% | 0.0% | 25.0% | 0.0% | 25.0% | 0.0% | - | - / - px | - | 2.50x | 2 / 1 |" in table.getvalue()
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9] and parse_seeds("7:9") == [7, 8]
 
 
@@ -57,6 +59,22 @@ def test_worker_processes_give_the_same_results_in_prompt_order():
             there = run_setting(None, prompts, [0, 1], setting, ElaConfig(), 6, 5.0, pool)
             assert there.statuses == here.statuses and len(there.statuses) == 6
             assert there.seconds > 0
+
+
+def test_clean_column_judges_the_kept_images_again_prompt_by_prompt():
+    clean, truth = render([("square", "blue", (2, 2, 14, 14)), ("circle", "red", (18, 16, 30, 28))])
+    mixed = clean.copy()
+    mixed[truth[0].mask & (np.arange(32) >= 10)[None, :]] = PALETTE["white"]  # a third of the square white
+    alone = render([("circle", "red", (18, 16, 30, 28))])[0]
+    # two prompts x two seeds, prompt-major: the second prompt asks for the circle only
+    prompts = ["a blue square and a red circle", "a red circle"]
+    result = SettingResult("x", [[OK, OK], [OK, OK], [OK], [OK]], images=[clean, mixed, alone, alone])
+    assert summary([result], prompts)[0]["clean"] == 5 / 6  # of the 6 found objects, the mixed square is dirty
+    missing = SettingResult("x", [[MISSING, OK], [OK]], images=[alone, clean])
+    assert summary([missing], prompts)[0]["clean"] == 1.0  # a missing object is not scored
+    table = io.StringIO()
+    print_table(summary([result], prompts), table)
+    assert "83.3%" in table.getvalue().splitlines()[1]
 
 
 def test_sweep_grid_is_typed_like_the_config():
