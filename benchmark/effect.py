@@ -20,6 +20,9 @@ again from the kept images when the table is made, so cached results need no new
 The random control takes updates of the same size in random directions: an effect a
 setting has and the control does not is the objective's, not the push's. ``--prompt-seed`` other
 than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose settings there.
+A prompt the engine cannot anchor (one entity: the ``single`` family) is sampled plain in every
+setting, as the WebUI leaves such an image unanchored; its table's ``both ok`` is single-object
+accuracy, and the pooled table (``all``) pools the two- and three-object families only.
 """
 
 from __future__ import annotations
@@ -36,16 +39,17 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ela_ext.config import OBJECTIVE_NAMES, ElaConfig, replace
-from ela_ext.diffusers_adapter import sample
+from ela_ext.diffusers_adapter import prompt_targets, sample
+from ela_ext.entities import EntitySpecError
 
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
-from .families import FAMILIES, family_prompts
+from .families import FAMILIES, FILES, SINGLE, family_prompts
 from .metrics import Centroid, centroid, centroid_shifts, clean_objects, kept_rate, localisation_iou, pixel_change
 from .model import decode, initial_noise, load_model
 from .scenes import parse_prompt
@@ -112,14 +116,26 @@ def setting_config(setting: str, config: ElaConfig) -> tuple[ElaConfig, Optional
     raise ValueError(f"unknown setting {setting!r}: off, default, random or one of {', '.join(OBJECTIVE_NAMES)}")
 
 
+def anchorable(tokenizer: Any, prompt: str, config: ElaConfig) -> bool:
+    """Whether the engine can anchor ``prompt`` with ``config``'s entities (ELA needs two)."""
+    try:
+        prompt_targets(tokenizer, [prompt], [config.entities])
+    except EntitySpecError:
+        return False
+    return True
+
+
 def run_prompt(model: tuple, prompt_index: int, prompt: str, seeds: Sequence[int], setting: str,
                config: ElaConfig, steps: int, guidance: float) -> SettingResult:
     """One prompt for all seeds in one batch, judged image by image; ``seconds`` is the sampling
-    time. The random control's directions are seeded by the prompt's index."""
+    time. The random control's directions are seeded by the prompt's index. A prompt the engine
+    cannot anchor is sampled plain, as the WebUI does after its warning."""
     from diffusers import DDIMScheduler
 
     unet, text_encoder, tokenizer, scheduler_config = model
     run_config, direction = setting_config(setting, config)
+    if direction is not None and not anchorable(tokenizer, prompt, run_config):
+        run_config, direction = replace(run_config, enabled=False), None
     options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
                if direction == "random" else None)
     start = time.perf_counter()
@@ -321,7 +337,7 @@ def prompt_sets(args: argparse.Namespace) -> dict[str, list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FAMILIES)}")
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FILES)}")
     parser.add_argument("--prompts-per-family", type=int, default=16, help="the first N of each family")
     parser.add_argument("--prompt-seed", type=int, default=0, help="0: the sets in prompts/; "
                         "else fresh prompts disjoint from them (a development set)")
@@ -359,16 +375,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 results[family][setting] = cached_run_setting(args.cache, key, lambda: run_setting(
                     model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
     tables = {family: summary(list(by_setting.values()), sets[family]) for family, by_setting in results.items()}
+    multi = [family for family in sets if family != SINGLE]  # "both correct" means the same in each
     pooled = {setting: SettingResult(setting) for setting in settings}
-    for by_setting in results.values():
-        for setting, result in by_setting.items():
+    for family in multi:
+        for setting, result in results[family].items():
             pooled[setting].extend(result)
     if not args.json:
         for family, prompts in sets.items():
-            print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds")
+            note = " (one object: both ok = the object right; never anchored)" if family == SINGLE else ""
+            print(f"\n{family}: {len(prompts)} prompts x {len(seeds)} seeds{note}")
             (print_markdown if args.markdown else print_table)(tables[family])
-    if len(sets) > 1:
-        tables["all"] = summary(list(pooled.values()), [p for prompts in sets.values() for p in prompts])
+    if len(multi) > 1:
+        tables["all"] = summary(list(pooled.values()), [p for family in multi for p in sets[family]])
     if args.json:
         print(json.dumps({"config": config.to_infotext(), "families": {f: len(p) for f, p in sets.items()},
                           "seeds": len(seeds), "steps": args.steps, "guidance": args.guidance, "tables": tables},
@@ -376,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         print(f"\nDDIM {args.steps} steps, guidance {args.guidance}; ELA {config.to_infotext()}")
         if "all" in tables:
-            print(f"all families: {sum(len(p) for p in sets.values())} prompts x {len(seeds)} seeds")
+            print(f"pooled ({', '.join(multi)}): {sum(len(sets[f]) for f in multi)} prompts x {len(seeds)} seeds")
             (print_markdown if args.markdown else print_table)(tables["all"])
 
 

@@ -50,6 +50,19 @@ def test_end_to_end_on_two_prompts_and_two_seeds(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_single_object_prompts_are_sampled_plain_and_kept_out_of_the_pooled_table(capsys):
+    main(["--families", "held_out,seen,single", "--prompts-per-family", "1", "--seeds", "2", "--steps", "4",
+          "--settings", "off,default,random", "--json"])
+    tables = json.loads(capsys.readouterr().out)["tables"]
+    assert set(tables) == {"held_out", "seen", "single", "all"}
+    assert all(row["images"] == 4 for row in tables["all"])  # two-object families only
+    off, default, control = tables["single"]
+    assert default["pixel_change"] == 0.0 and control["pixel_change"] == 0.0  # the off images exactly
+    assert default["both_correct"] == off["both_correct"] and default["images"] == 2
+    assert tables["held_out"][1]["pixel_change"] > 0  # the two-object prompt is anchored
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
 def test_worker_processes_give_the_same_results_in_prompt_order():
     prompts = ["a red circle and a blue square", "a star and a triangle", "a green cross and a white star"]
     model = load_model(DEFAULT_WEIGHTS)

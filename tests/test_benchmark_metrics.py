@@ -105,6 +105,12 @@ def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_o
     assert all(len(objects) == 2 for objects in seen)
     assert not any(is_held_out([(s, c) for s, c in objects]) for objects in seen)
     assert all(is_held_out([(s, c) for s, c in parse_prompt(p)]) for p in family_prompts("held_out", 0))
+    single = family_prompts("single", 0)
+    assert len(set(single)) == 16 and all(len(parse_prompt(p)) == 1 and parse_prompt(p)[0][1] for p in single)
+    for seed in (1, 4):
+        development = family_prompts("single", seed, 6)
+        assert len(set(development)) == 6 and not set(development) & set(single)
+    assert FAMILIES == ("held_out", "seen", "three")  # the default of every tool that anchors
     with pytest.raises(ValueError, match="unknown prompt family"):
         family_prompts("four", 0)
 
