@@ -5,6 +5,7 @@ each objective, and with a random-direction control, judged by the exact evaluat
                                [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
                                [--settings off,default,random,ela,attend_excite,...]
                                [--json] [--workers 2] [--cache runs/effect]
+                               [--lora FILE [--lora-strength 1.0]]
                                [engine settings, e.g. --lambda 0.3]
 
 Settings: ``off``; ``default`` (the engine's config, with any overrides given); ``random`` (that
@@ -23,6 +24,8 @@ than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose
 A prompt the engine cannot anchor (one entity: the ``single`` family) is sampled plain in every
 setting, as the WebUI leaves such an image unanchored; its table's ``both ok`` is single-object
 accuracy, and the pooled table (``all``) pools the two- and three-object families only.
+``--lora`` merges a LoRA file (kohya format, the file the WebUI loads; ``ela_ext.lora_file``) into
+the model's weights for every setting, ``off`` included: the fine-tuned model is the one measured.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pickle
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -47,6 +50,7 @@ import torch
 from ela_ext.config import OBJECTIVE_NAMES, ElaConfig, replace
 from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.entities import EntitySpecError
+from ela_ext.lora_file import merged_lora
 
 from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
 from .families import FAMILIES, FILES, SINGLE, family_prompts
@@ -156,34 +160,57 @@ def run_prompt(model: tuple, prompt_index: int, prompt: str, seeds: Sequence[int
     return result
 
 
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA file merged into the model for every setting, at ``strength``."""
+
+    path: Path
+    strength: float = 1.0
+
+    def key(self) -> tuple[str, float]:
+        """What the images depend on: the file's content (not its name) and the strength."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest(), self.strength
+
+
+def load_with_lora(weights: Path, lora: Optional[Lora], stack: ExitStack) -> tuple:
+    """The bundled model, with ``lora`` merged into its weights while ``stack`` is open."""
+    model = load_model(weights)
+    if lora is not None:
+        stack.enter_context(merged_lora(model[0], lora.path, lora.strength))
+    return model
+
+
 _worker_model: Optional[tuple] = None
+_worker_stack = ExitStack()  # a worker's LoRA stays merged for the process's life
 
 
-def _load_worker_model(weights: Path) -> None:
+def _load_worker_model(weights: Path, lora: Optional[Lora]) -> None:
     global _worker_model
     torch.set_num_threads(1)
-    _worker_model = load_model(weights)
+    _worker_model = load_with_lora(weights, lora, _worker_stack)
 
 
 def _run_prompt_in_worker(job: tuple) -> SettingResult:
     return run_prompt(_worker_model, *job)
 
 
-def worker_pool(weights: Path, workers: int) -> ProcessPoolExecutor:
+def worker_pool(weights: Path, workers: int, lora: Optional[Lora] = None) -> ProcessPoolExecutor:
     """Processes that each load the model once and sample whole prompts on one thread (this machine
     has one core per worker; two threads per process against a busy core are far slower)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_load_worker_model, initargs=(weights,))
+                               initializer=_load_worker_model, initargs=(weights, lora))
 
 
 @contextmanager
-def sampling_backend(weights: Path, workers: int) -> Iterator[tuple[Optional[tuple], Optional[ProcessPoolExecutor]]]:
+def sampling_backend(weights: Path, workers: int,
+                     lora: Optional[Lora] = None) -> Iterator[tuple[Optional[tuple], Optional[ProcessPoolExecutor]]]:
     """``(model, None)`` loaded in this process for one worker, else ``(None, pool)`` of ``workers``
-    processes, shut down on exit: the two arguments ``run_setting`` takes."""
+    processes, shut down on exit: the two arguments ``run_setting`` takes; ``lora`` merged in either."""
     if workers <= 1:
-        yield load_model(weights), None
+        with ExitStack() as stack:
+            yield load_with_lora(weights, lora, stack), None
     else:
-        with worker_pool(weights, workers) as pool:
+        with worker_pool(weights, workers, lora) as pool:
             yield None, pool
 
 
@@ -208,11 +235,13 @@ def run_jobs(model: Optional[tuple], jobs: Sequence[tuple], setting: str,
 
 
 def run_key(prompts: Sequence[str], seeds: Sequence[int], setting: str, config: ElaConfig, steps: int,
-            guidance: float, weights: Path) -> tuple:
-    """What a setting's images depend on: off does not depend on the engine's settings at all."""
+            guidance: float, weights: Path, lora: Optional[Lora] = None) -> tuple:
+    """What a setting's images depend on: off does not depend on the engine's settings at all; a
+    LoRA adds its content hash and strength (without one the key is what it always was)."""
     run_config, direction = setting_config(setting, config)
     settings = run_config.to_infotext() if direction else ""
-    return (list(prompts), list(seeds), setting, settings, steps, guidance, str(weights))
+    key = (list(prompts), list(seeds), setting, settings, steps, guidance, str(weights))
+    return key if lora is None else key + (lora.key(),)
 
 
 def cached_run_setting(cache: Optional[Path], key: tuple, run) -> SettingResult:
@@ -353,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a rerun resumes); not used when absent")
     parser.add_argument("--workers", type=int, default=1, help="processes sampling prompts side by side, "
                         "one thread each (at most one per free core)")
+    parser.add_argument("--lora", type=Path, default=None, help="a LoRA file (kohya format) merged into the "
+                        "model for every setting, off included")
+    parser.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's multiplier (<lora:name:S>)")
     for flag, name, kind in OVERRIDES:
         parser.add_argument(flag, dest=name, type=kind, default=None, help=f"ElaConfig.{name}")
     return parser
@@ -367,11 +399,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for setting in settings:
         setting_config(setting, config)  # an unknown setting fails before any sampling
     sets = prompt_sets(args)
+    lora = Lora(args.lora, args.lora_strength) if args.lora is not None else None
     results: dict[str, dict[str, SettingResult]] = {family: {} for family in sets}
-    with sampling_backend(args.weights, args.workers) as (model, pool):
+    with sampling_backend(args.weights, args.workers, lora) as (model, pool):
         for setting in settings:  # setting-major: a stopped run has whole settings over every family
             for family, prompts in sets.items():
-                key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights)
+                key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights, lora)
                 results[family][setting] = cached_run_setting(args.cache, key, lambda: run_setting(
                     model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
     tables = {family: summary(list(by_setting.values()), sets[family]) for family, by_setting in results.items()}
@@ -389,10 +422,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         tables["all"] = summary(list(pooled.values()), [p for family in multi for p in sets[family]])
     if args.json:
         print(json.dumps({"config": config.to_infotext(), "families": {f: len(p) for f, p in sets.items()},
-                          "seeds": len(seeds), "steps": args.steps, "guidance": args.guidance, "tables": tables},
+                          "seeds": len(seeds), "steps": args.steps, "guidance": args.guidance, "tables": tables,
+                          **({} if lora is None else {"lora": {"file": str(lora.path), "sha256": lora.key()[0],
+                                                              "strength": lora.strength}})},
                          indent=2))
     else:
         print(f"\nDDIM {args.steps} steps, guidance {args.guidance}; ELA {config.to_infotext()}")
+        if lora is not None:
+            print(f"LoRA {lora.path} (sha256 {lora.key()[0][:12]}) at strength {lora.strength}, every setting")
         if "all" in tables:
             print(f"pooled ({', '.join(multi)}): {sum(len(sets[f]) for f in multi)} prompts x {len(seeds)} seeds")
             (print_markdown if args.markdown else print_table)(tables["all"])

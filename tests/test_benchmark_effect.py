@@ -1,15 +1,19 @@
 """The effect benchmark: paired counting by hand, and an end-to-end run on the bundled model."""
 
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ela_ext.config import ElaConfig
+from ela_ext.lora_file import save_lora
 
-from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, print_table,
-                              run_setting, summary, worker_pool)
+from benchmark.effect import (DEFAULT_WEIGHTS, Lora, SettingResult, main, paired, parse_seeds, print_markdown,
+                              print_table, run_key, run_setting, sampling_backend, summary, worker_pool)
 from benchmark.kept import main as kept_main, right_off
 from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
@@ -88,6 +92,55 @@ def test_clean_column_judges_the_kept_images_again_prompt_by_prompt():
     table = io.StringIO()
     print_table(summary([result], prompts), table)
     assert "83.3%" in table.getvalue().splitlines()[1]
+
+
+def test_run_key_without_a_lora_is_the_key_cached_runs_were_stored_under(tmp_path):
+    weights = Path("weights/model.safetensors")
+    config = ElaConfig(objective="ela_enhance")
+    assert run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights) == (
+        ["a circle and a square"], [0, 1], "off", "", 20, 5.0, "weights/model.safetensors")
+    lora = tmp_path / "a.safetensors"
+    lora.write_bytes(b"one")
+    keyed = run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights, Lora(lora, 0.5))
+    assert keyed[:7] == run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights)
+    assert keyed[7] == (hashlib.sha256(b"one").hexdigest(), 0.5)
+
+
+def _tiny_lora(path: Path) -> Path:
+    """A rank-2 LoRA on every cross-attention key projection of the bundled model, as a kohya file."""
+    generator = torch.Generator().manual_seed(0)
+    unet = load_model(DEFAULT_WEIGHTS)[0]
+    deltas = {name: (torch.randn(2, module.in_features, generator=generator) * 0.3,
+                     torch.randn(module.out_features, 2, generator=generator) * 0.3, 2.0)
+              for name, module in unet.named_modules() if name.endswith("attn2.to_k")}
+    return save_lora(path, deltas, "sd1")
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_a_lora_file_applies_to_every_setting_at_its_strength(tmp_path, capsys):
+    path = _tiny_lora(tmp_path / "tiny.safetensors")
+    prompts, seeds = ["a red circle and a blue square"], [0, 1]
+
+    def images(setting, lora, workers=1):
+        with sampling_backend(DEFAULT_WEIGHTS, workers, lora) as (model, pool):
+            return run_setting(model, prompts, seeds, setting, ElaConfig(), 6, 5.0, pool).images
+
+    plain = images("off", None)
+    assert all(np.array_equal(a, b) for a, b in zip(images("off", Lora(path, 0.0)), plain))
+    merged = images("off", Lora(path, 1.0))
+    assert not any(np.array_equal(a, b) for a, b in zip(merged, plain))
+    assert all(np.array_equal(a, b) for a, b in zip(images("off", Lora(path, 1.0), workers=2), merged))
+    anchored = images("ela_enhance", Lora(path, 1.0))
+    assert not any(np.array_equal(a, b) for a, b in zip(anchored, images("ela_enhance", None)))
+
+    argv = ["--families", "held_out", "--prompts-per-family", "1", "--seeds", "1", "--steps", "4", "--settings",
+            "off", "--json", "--cache", str(tmp_path / "cache"), "--lora", str(path)]
+    strengths = []
+    for run in (argv, argv + ["--lora-strength", "0.5"], argv[:-2]):
+        main(run)
+        strengths.append(json.loads(capsys.readouterr().out).get("lora", {}).get("strength"))
+    assert strengths == [1.0, 0.5, None]
+    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 3  # a key per strength, and one without
 
 
 def test_sweep_grid_is_typed_like_the_config():
