@@ -160,6 +160,12 @@ class HostUnet:
         self._conditioning: dict[str, Any] = {}
         self.calls = 0
 
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The training schedule's cumulative alphas (Forge keeps them on its predictor)."""
+        if is_forge(self.sd_model):
+            return self.sd_model.forge_objects.unet.model.predictor.alphas_cumprod
+        return self.sd_model.alphas_cumprod
+
     def scope(self) -> contextlib.AbstractContextManager:
         """Where the engine's forward and backward can run on this host."""
         if is_forge(self.sd_model):
@@ -241,7 +247,7 @@ def train(job: TrainingJob) -> dict:
         host.prepare([p.prompt for p in prompts] + list(job.preservation_prompts))
         with host.scope():
             result = train_key_projections(
-                host.unet, host.denoise, host.encode, prompts, sd_model.alphas_cumprod,
+                host.unet, host.denoise, host.encode, prompts, host.alphas_cumprod(),
                 (LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR), config,
                 preservation_prompts=job.preservation_prompts, progress=_report_progress(config.steps),
                 should_stop=lambda: bool(shared.state.interrupted))
