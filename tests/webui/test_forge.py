@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from training_checks import (BAD_REQUESTS, FAULTS, assert_interrupt_leaves_nothing, assert_refused,
-                             assert_taken_name_refused, assert_trained_lora_loads, train_body)
+from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
+                             test_a_taken_lora_name_is_refused_unless_overwrite,
+                             test_training_bad_input_answers_with_the_reason,
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
 from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port, absent_image_or_skip,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor, assert_no_failure,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
@@ -120,6 +122,12 @@ def forge_server(forge_root, forge_workdir, absent_images, lora_dir):
 def forge(forge_server):
     """Forge with the tiny SD1 checkpoint loaded."""
     return use_model(forge_server, "sd1")
+
+
+@pytest.fixture
+def training_host(forge):
+    """For the tests imported from training_checks."""
+    return forge
 
 
 @pytest.fixture
@@ -227,21 +235,3 @@ def test_trained_lora_loads_and_the_model_is_unchanged(forge_model, lora_dir, re
         assert not [line for line in lines if "unmatched" in line or "ismatch" in line], lines
 
     assert_trained_lora_loads(forge_model, lora_dir, f"pair-{model}", model, assert_all_keys_loaded)
-
-
-def test_training_interrupt_leaves_no_file_and_the_model_unchanged(forge, lora_dir):
-    assert_interrupt_leaves_nothing(forge, lora_dir)
-
-
-@pytest.mark.parametrize("changes, status, reason", BAD_REQUESTS[:2] + BAD_REQUESTS[4:5])
-def test_training_bad_input_answers_with_the_reason(forge, lora_dir, changes, status, reason):
-    assert_refused(forge, lora_dir, train_body("refused", **changes), status, reason)
-
-
-@pytest.mark.parametrize("fault, status, reason", FAULTS)
-def test_a_failing_training_run_answers_with_the_reason(forge, lora_dir, fault, status, reason):
-    assert_refused(forge, lora_dir, train_body("failed"), status, reason, fault=fault)
-
-
-def test_a_taken_lora_name_is_refused_unless_overwrite(forge, lora_dir):
-    assert_taken_name_refused(forge, lora_dir)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from training_checks import (BAD_REQUESTS, FAULTS, assert_interrupt_leaves_nothing, assert_refused,
-                             assert_taken_name_refused, assert_trained_lora_loads, train_body)
+from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
+                             test_a_taken_lora_name_is_refused_unless_overwrite,
+                             test_training_bad_input_answers_with_the_reason,
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
 from webui_host import CHECKPOINTS, WebUI, checkout_in_extensions, use_model
 
 
@@ -30,7 +32,8 @@ def trainer(webui_root, workdir, lora_dir):
 
 
 @pytest.fixture
-def trainer_sd1(trainer):
+def training_host(trainer):
+    """For the tests imported from training_checks."""
     return use_model(trainer, "sd1")
 
 
@@ -50,21 +53,3 @@ def test_trained_lora_loads_and_the_model_is_unchanged(trainer, lora_dir, model)
         assert not [line for line in log.splitlines() if file_name in line and "didn't match keys" in line]
 
     assert_trained_lora_loads(server, lora_dir, f"pair-{model}", model, assert_all_keys_loaded)
-
-
-def test_interrupt_leaves_no_file_and_the_model_unchanged(trainer_sd1, lora_dir):
-    assert_interrupt_leaves_nothing(trainer_sd1, lora_dir)
-
-
-@pytest.mark.parametrize("changes, status, reason", BAD_REQUESTS)
-def test_bad_input_answers_with_the_reason(trainer_sd1, lora_dir, changes, status, reason):
-    assert_refused(trainer_sd1, lora_dir, train_body("refused", **changes), status, reason)
-
-
-@pytest.mark.parametrize("fault, status, reason", FAULTS)
-def test_a_failing_run_answers_with_the_reason(trainer_sd1, lora_dir, fault, status, reason):
-    assert_refused(trainer_sd1, lora_dir, train_body("failed"), status, reason, fault=fault)
-
-
-def test_a_taken_name_is_refused_unless_overwrite(trainer_sd1, lora_dir):
-    assert_taken_name_refused(trainer_sd1, lora_dir)

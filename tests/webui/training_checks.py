@@ -1,5 +1,9 @@
 """What test_training.py (A1111) and test_forge.py (Forge) both check about ``POST /ela/v1/train``.
 
+The ``test_*`` functions here are imported by both modules, which collect them as their own and
+provide the fixtures ``training_host`` (the server with the tiny SD1 checkpoint loaded) and
+``lora_dir`` (the server's ``--lora-dir``).
+
 A run trains on the loaded tiny checkpoint and writes into the server's ``--lora-dir``; the host's
 own built-in Lora extension then loads the file from a ``<lora:name:S>`` tag. So the key names,
 the metadata and the file are checked by the code that users run, and every check compares real
@@ -14,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 from safetensors import safe_open
 
 from webui_host import SIZE, WebUI, hook_counts, pixels, txt2img_payload
@@ -64,10 +69,11 @@ def assert_trained_lora_loads(server: WebUI, lora_dir: Path, name: str, model: s
     assert server.txt2img(**payload)["images"][0] == before
 
 
-def assert_interrupt_leaves_nothing(server: WebUI, lora_dir: Path) -> None:
+def test_training_interrupt_leaves_no_file_and_the_model_unchanged(training_host: WebUI, lora_dir: Path) -> None:
     """Interrupt (``POST /sdapi/v1/interrupt`` from another thread, as the UI's button) during a
     long run: the progress endpoint showed the run, the answer is 409 with the reason, no file, no
     hook, and the model gives the image it gave before."""
+    server = training_host
     payload = txt2img_payload(**SIZE)
     before = server.txt2img(**payload)["images"][0]
     hooks_before, files_before = hook_counts(server), lora_files(lora_dir)
@@ -129,12 +135,22 @@ def assert_refused(server: WebUI, lora_dir: Path, body: dict, status: int, reaso
     assert server.txt2img(**payload)["images"][0] == before
 
 
-def assert_taken_name_refused(server: WebUI, lora_dir: Path) -> None:
+@pytest.mark.parametrize("changes, status, reason", BAD_REQUESTS)
+def test_training_bad_input_answers_with_the_reason(training_host, lora_dir, changes, status, reason):
+    assert_refused(training_host, lora_dir, train_body("refused", **changes), status, reason)
+
+
+@pytest.mark.parametrize("fault, status, reason", FAULTS)
+def test_a_failing_training_run_answers_with_the_reason(training_host, lora_dir, fault, status, reason):
+    assert_refused(training_host, lora_dir, train_body("failed"), status, reason, fault=fault)
+
+
+def test_a_taken_lora_name_is_refused_unless_overwrite(training_host: WebUI, lora_dir: Path) -> None:
     """A second run under a taken name answers 409 and leaves the first file as it was;
     ``overwrite`` replaces it."""
-    server.post("/ela/v1/train", train_body("taken", steps=1))
+    training_host.post("/ela/v1/train", train_body("taken", steps=1))
     first = (lora_dir / "taken.safetensors").read_bytes()
-    assert_refused(server, lora_dir, train_body("taken", steps=1, seed=1), 409, "exists")
+    assert_refused(training_host, lora_dir, train_body("taken", steps=1, seed=1), 409, "exists")
     assert (lora_dir / "taken.safetensors").read_bytes() == first
-    server.post("/ela/v1/train", train_body("taken", steps=1, seed=1, overwrite=True))
+    training_host.post("/ela/v1/train", train_body("taken", steps=1, seed=1, overwrite=True))
     assert (lora_dir / "taken.safetensors").read_bytes() != first
