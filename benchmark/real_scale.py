@@ -2,6 +2,7 @@
 
     python -m benchmark.real_scale --layout sd15 --latent 16 --steps 10          # CPU, one thread
     python -m benchmark.real_scale --layout sdxl --latent 128 --steps 20 --dtype float16 --device cuda
+    python -m benchmark.real_scale --layout sd15 --latent 16 --train-steps 3     # training step cost
 
 The UNets are diffusers ``UNet2DConditionModel`` s built from SD 1.5's and SDXL's configs with
 random weights (no hub): the cost of a pass depends on the layout, not on the weights. The text
@@ -16,6 +17,10 @@ ratios are medians of on over off. Peak memory on CPU is the peak resident set s
 of a forked child that samples one image, so every image starts from the same process state; on
 CUDA it is ``torch.cuda.max_memory_allocated`` per image. Both include the weights; ``extra`` is
 the peak above the memory held before sampling (weights, encoder, latents).
+
+``--train-steps N`` measures ``ela_ext.finetune`` instead: N training steps of the paper's recipe
+(noise-only ``x_0``, the attention objective, every ``to_k`` at rank 4) at batch ``--train-batch``,
+reported as seconds per step and as sampling steps (one guided UNet evaluation, batch 2) per step.
 """
 
 from __future__ import annotations
@@ -240,6 +245,42 @@ def run_benchmark(layout: str, latent: int, steps: int, dtype: torch.dtype, devi
     return rows
 
 
+def training_step_cost(layout: str, latent: int, steps: int, batch: int, divisor: int = 1,
+                       models: Optional[dict[str, Any]] = None) -> dict[str, float]:
+    """CPU seconds per training step of ``train_key_projections`` (S&E's recipe, rank 4, every
+    ``to_k``, maps from the anchor layers) and of one guided sampling step, on one thread."""
+    import diffusers
+
+    from ela_ext.diffusers_adapter import encode, prompt_targets
+    from ela_ext.finetune import FinetuneConfig, TrainingPrompt, train_key_projections
+
+    models = dict(models or load_models(layout, divisor, torch.float32, "cpu"))
+    unet, tokenizer, text_encoder = models["unet"], models["tokenizer"], models["text_encoder"]
+    added = sdxl_added_cond(latent, torch.float32, "cpu", divisor) if layout == "sdxl" else None
+
+    def extra(rows: int) -> dict[str, Any]:
+        return {} if added is None else {"added_cond_kwargs": {k: v[:1].expand(rows, -1) for k, v in added.items()}}
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x_t, t, encoder_hidden_states=context, **extra(x_t.shape[0])).sample
+
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    prompts = [TrainingPrompt(PROMPT, target) for target in prompt_targets(tokenizer, [PROMPT], [ENTITIES])]
+    config = FinetuneConfig(steps=steps, batch_size=batch, learning_rate=1e-5)
+    start = time.process_time()
+    train_key_projections(unet, denoise, lambda texts: encode(tokenizer, text_encoder, texts), prompts,
+                          scheduler.alphas_cumprod, (4, latent, latent), config)
+    per_step = (time.process_time() - start) / steps
+    x = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    context = encode(tokenizer, text_encoder, [PROMPT, ""])
+    start = time.process_time()
+    with torch.no_grad():
+        for _ in range(steps):
+            denoise(x, torch.tensor([500, 500]), context)
+    sampling_step = (time.process_time() - start) / steps
+    return {"train_step_s": per_step, "sampling_step_s": sampling_step, "ratio": per_step / sampling_step}
+
+
 def format_row(row: Row) -> str:
     return (f"| {row.layout} | {row.latent}x{row.latent} | {row.dtype} | {row.device} | {row.setting} | "
             f"{row.off_s:.1f} | {row.on_s:.1f} | {row.ratio:.2f}x | {row.peak_off_mib:.0f} / {row.peak_on_mib:.0f} | "
@@ -261,9 +302,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of off + every setting")
     parser.add_argument("--divisor", type=int, default=1, help="divide every width (tests only)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--train-steps", type=int, default=0, help="measure N training steps instead (CPU)")
+    parser.add_argument("--train-batch", type=int, default=4)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
+    if args.train_steps:
+        cost = training_step_cost(args.layout, args.latent, args.train_steps, args.train_batch, args.divisor)
+        print(f"{args.layout}, latent {args.latent}x{args.latent}, batch {args.train_batch}: training step "
+              f"{cost['train_step_s']:.2f} s, guided sampling step {cost['sampling_step_s']:.2f} s, "
+              f"ratio {cost['ratio']:.2f}")
+        return
     rows = run_benchmark(args.layout, args.latent, args.steps, getattr(torch, args.dtype), args.device,
                          args.settings, args.repeats, args.divisor)
     print(f"defaults: {ElaConfig()}\n{args.steps} DDIM steps, {args.repeats} round(s), medians\n{HEADER}")

@@ -36,6 +36,7 @@ from .objectives import OBJECTIVES
 from .tokens import EntityColumns
 
 TRAIN_LAYER_CHOICES = ("all",) + LAYER_CHOICES
+PROJECTIONS = ("to_k", "to_q", "to_v")
 
 
 class FinetuneError(RuntimeError):
@@ -55,6 +56,9 @@ class FinetuneConfig:
     prediction-preserving term on ``preservation_prompts``."""
 
     objective: str = "separate_enhance"
+    projections: tuple[str, ...] = ("to_k",)
+    objective_weight: float = 1.0
+    denoising: float = 0.0
     steps: int = 200
     learning_rate: float = 1e-4
     batch_size: int = 4
@@ -73,6 +77,11 @@ class FinetuneConfig:
         problems = []
         if self.objective not in OBJECTIVE_NAMES:
             problems.append(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVE_NAMES)}")
+        if not self.projections or not set(self.projections) <= set(PROJECTIONS):
+            problems.append(f"projections {self.projections!r} must be some of {', '.join(PROJECTIONS)}")
+        for name in ("objective_weight", "denoising"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
         if self.layers not in TRAIN_LAYER_CHOICES:
             problems.append(f"layers {self.layers!r} is not one of {', '.join(TRAIN_LAYER_CHOICES)}")
         if self.map_layers not in LAYER_CHOICES:
@@ -95,16 +104,18 @@ class FinetuneConfig:
 
 @dataclass
 class TrainingPrompt:
-    """A prompt and its entity columns, from the host's own token mapping (never fixed indices)."""
+    """A prompt and its entity columns, from the host's own token mapping (never fixed indices);
+    ``latent``: an image of it (``x_0``, the UNet's latent space) for the denoising term."""
 
     prompt: str
     target: EntityColumns
+    latent: Optional[torch.Tensor] = None
 
 
 @dataclass
-class KeyDelta:
-    """The trained change to one ``to_k`` (``name``: its module path in the UNet given): low rank
-    ``up @ down * alpha / rank`` or, when ``diff`` is set, full rank."""
+class ProjectionDelta:
+    """The trained change to one projection (``name``: the module path of a ``to_k``, ``to_q`` or
+    ``to_v`` in the UNet given): low rank ``up @ down * alpha / rank`` or, with ``diff``, full rank."""
 
     name: str
     down: Optional[torch.Tensor] = None
@@ -120,14 +131,14 @@ class KeyDelta:
 
 @dataclass
 class FinetuneResult:
-    deltas: list[KeyDelta]
+    deltas: list[ProjectionDelta]
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
 
 
-class _KeyChange(nn.Module):
-    """The trainable change to one ``to_k``, added to its output by a forward hook."""
+class _ProjectionChange(nn.Module):
+    """The trainable change to one projection, added to its output by a forward hook."""
 
     def __init__(self, layer: nn.Linear, rank: int, generator: torch.Generator):
         super().__init__()
@@ -147,22 +158,22 @@ class _KeyChange(nn.Module):
         delta = F.linear(x, self.diff) if self.rank == 0 else F.linear(F.linear(x, self.down), self.up)
         return delta * self.strength
 
-    def as_delta(self, name: str) -> KeyDelta:
+    def as_delta(self, name: str) -> ProjectionDelta:
         if self.rank == 0:
-            return KeyDelta(name, diff=self.diff.detach().cpu().clone())
-        return KeyDelta(name, down=self.down.detach().cpu().clone(), up=self.up.detach().cpu().clone(),
+            return ProjectionDelta(name, diff=self.diff.detach().cpu().clone())
+        return ProjectionDelta(name, down=self.down.detach().cpu().clone(), up=self.up.detach().cpu().clone(),
                         alpha=float(self.rank))
 
 
 @contextlib.contextmanager
-def key_changes_hooked(layers: Sequence[nn.Module], changes: Sequence[nn.Module]) -> Iterator[None]:
-    """Each ``change`` added to its ``to_k``'s output inside the block; hooks removed on any exit."""
+def changes_hooked(projections: Sequence[nn.Module], changes: Sequence[nn.Module]) -> Iterator[None]:
+    """Each ``change`` added to its projection's output inside the block; hooks removed on any exit."""
     handles = []
     try:
-        for layer, change in zip(layers, changes):
+        for projection, change in zip(projections, changes):
             def hook(module: nn.Module, args: tuple, output: torch.Tensor, change: nn.Module = change) -> torch.Tensor:
                 return output + change(args[0]).to(output.dtype)
-            handles.append(layer.to_k.register_forward_hook(hook))
+            handles.append(projection.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
@@ -170,9 +181,9 @@ def key_changes_hooked(layers: Sequence[nn.Module], changes: Sequence[nn.Module]
 
 
 class _FixedDelta(nn.Module):
-    """A trained ``KeyDelta`` applied at a strength (for sampling with a result in-process)."""
+    """A trained ``ProjectionDelta`` applied at a strength (for sampling with a result in-process)."""
 
-    def __init__(self, delta: KeyDelta, strength: float, device: torch.device):
+    def __init__(self, delta: ProjectionDelta, strength: float, device: torch.device):
         super().__init__()
         self.weight = delta.weight().float().to(device) * strength
 
@@ -181,15 +192,15 @@ class _FixedDelta(nn.Module):
 
 
 @contextlib.contextmanager
-def deltas_applied(unet: nn.Module, deltas: Sequence[KeyDelta], strength: float = 1.0) -> Iterator[None]:
-    """``unet`` with ``deltas`` added to its ``to_k`` outputs inside the block (no weight written)."""
+def deltas_applied(unet: nn.Module, deltas: Sequence[ProjectionDelta], strength: float = 1.0) -> Iterator[None]:
+    """``unet`` with ``deltas`` added to their projections' outputs inside the block (no weight written)."""
     modules = dict(unet.named_modules())
     missing = [delta.name for delta in deltas if delta.name not in modules]
     if missing:
         raise KeyError(f"no module {missing[0]!r} in this UNet")
-    layers = [modules[delta.name.rsplit(".", 1)[0]] for delta in deltas]
     device = next(unet.parameters()).device
-    with key_changes_hooked(layers, [_FixedDelta(delta, strength, device) for delta in deltas]):
+    with changes_hooked([modules[delta.name] for delta in deltas],
+                        [_FixedDelta(delta, strength, device) for delta in deltas]):
         yield
 
 
@@ -204,15 +215,21 @@ def paper_noisy_latents(alphas_cumprod: torch.Tensor, latent_shape: Sequence[int
                         ) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
     """S&E's training input: ``x_0`` Gaussian noise (no images), ``x_t`` the forward process
     ``sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` at ``t`` uniform in ``timesteps``."""
-    alphas = alphas_cumprod.detach().float().cpu()
-
     def draw(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.randint(timesteps[0], min(timesteps[1], len(alphas)), (batch,), generator=generator)
         x_0 = torch.randn((batch, *latent_shape), generator=generator)
-        noise = torch.randn((batch, *latent_shape), generator=generator)
-        a = alphas[t].reshape(-1, *([1] * len(latent_shape)))
-        return a.sqrt() * x_0 + (1 - a).sqrt() * noise, t
+        x_t, t, _ = forward_process(x_0, alphas_cumprod, timesteps, generator)
+        return x_t, t
     return draw
+
+
+def forward_process(x_0: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: tuple[int, int],
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, noise)``: ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise``, ``t`` uniform in ``timesteps``."""
+    alphas = alphas_cumprod.detach().float().cpu()
+    t = torch.randint(timesteps[0], min(timesteps[1], len(alphas)), (x_0.shape[0],), generator=generator)
+    noise = torch.randn(x_0.shape, generator=generator)
+    a = alphas[t].reshape(-1, *([1] * (x_0.ndim - 1)))
+    return a.sqrt() * x_0 + (1 - a).sqrt() * noise, t, noise
 
 
 def _batch_loss(maps: torch.Tensor, targets: Sequence[EntityColumns], config: FinetuneConfig) -> torch.Tensor:
@@ -235,13 +252,18 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
                           noisy_latents: Optional[Callable[[int, torch.Generator],
                                                            tuple[torch.Tensor, torch.Tensor]]] = None,
                           ) -> FinetuneResult:
-    """Train the ``to_k`` changes and return them; ``unet`` is left exactly as it was.
+    """Train the projections' changes and return them; ``unet`` is left exactly as it was.
 
     ``denoise(x_t, t, conditioning)`` runs the host's UNet on a batch and returns its prediction;
     ``encode(prompts)`` the conditioning it takes for those prompts. ``prompts`` are drawn in
     batches of ``batch_size`` (seeded); every prompt needs two entities. ``progress(step, steps,
     loss)`` after each step; ``should_stop()`` True raises ``TrainingCancelled``. ``noisy_latents
     (batch, generator) -> (x_t, t)`` replaces the paper's noise-only inputs (``paper_noisy_latents``).
+
+    With ``config.denoising`` > 0 every prompt carries an image (``latent``), ``x_t`` is that image
+    noised, and the loss adds the usual epsilon-prediction denoising error (weight ``denoising``):
+    training on images rather than on attention alone, e.g. on images anchoring drew right
+    (``benchmark.finetune``). For epsilon-predicting models only.
     """
     config = config.validated()
     if not prompts:
@@ -251,16 +273,20 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
         raise ValueError(f"a training prompt needs two entities: {too_few[0]!r}")
     if config.preservation > 0 and not preservation_prompts:
         raise ValueError("the preservation term needs preservation prompts")
+    if config.denoising > 0 and any(p.latent is None for p in prompts):
+        raise ValueError("the denoising term needs an image (latent) with every training prompt")
     generator = torch.Generator().manual_seed(config.seed)
     layers = trained_layers(unet, config.layers)
     device = next(unet.parameters()).device
-    changes = nn.ModuleList(_KeyChange(module.to_k, config.rank, generator) for _, module in layers).to(device)
+    projections = [(f"{name}.{projection}", getattr(module, projection))
+                   for name, module in layers for projection in config.projections]
+    changes = nn.ModuleList(_ProjectionChange(linear, config.rank, generator) for _, linear in projections).to(device)
     optimizer = torch.optim.AdamW(changes.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     draw = noisy_latents or paper_noisy_latents(alphas_cumprod, latent_shape, config.timesteps)
     map_layers = [module for _, module in find_cross_attention_layers(unet, config.map_layers)]
     result = FinetuneResult(deltas=[])
     start = time.perf_counter()
-    with weights_frozen(unet), key_changes_hooked([module for _, module in layers], changes), \
+    with weights_frozen(unet), changes_hooked([linear for _, linear in projections], changes), \
             AttentionCapture(map_layers, tuple(latent_shape[-2:]), stop_after_last=True) as capture, \
             torch.enable_grad():
         for step in range(config.steps):
@@ -268,12 +294,24 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
                 raise TrainingCancelled(f"training stopped at step {step} of {config.steps}; nothing was saved")
             picks = torch.randint(len(prompts), (config.batch_size,), generator=generator).tolist()
             batch = [prompts[i] for i in picks]
-            x_t, t = draw(len(batch), generator)
-            x_t, t = x_t.to(device), t.to(device)
             with torch.no_grad():
                 conditioning = encode([p.prompt for p in batch])
-            maps = run_truncated(capture, lambda: denoise(x_t, t, conditioning))
-            loss = _batch_loss(maps, [p.target for p in batch], config)
+            if config.denoising > 0:
+                x_t, t, noise = forward_process(torch.stack([p.latent for p in batch]).float(), alphas_cumprod,
+                                                config.timesteps, generator)
+                x_t, t = x_t.to(device), t.to(device)
+                capture.stop_after_last = False  # the whole prediction is needed
+                prediction = _prediction(denoise(x_t, t, conditioning))
+                capture.stop_after_last = True
+                maps = capture.maps
+                denoising = F.mse_loss(prediction.float(), noise.to(device))
+            else:
+                x_t, t = draw(len(batch), generator)
+                x_t, t = x_t.to(device), t.to(device)
+                maps = run_truncated(capture, lambda: denoise(x_t, t, conditioning))
+            loss = config.objective_weight * _batch_loss(maps, [p.target for p in batch], config)
+            if config.denoising > 0:
+                loss = loss + config.denoising * denoising
             if config.preservation > 0:
                 loss = loss + config.preservation * _preservation_loss(
                     capture, changes, denoise, encode, preservation_prompts, x_t, t, generator)
@@ -290,9 +328,9 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
             if progress is not None:
                 progress(step + 1, config.steps, result.losses[-1])
     result.seconds = time.perf_counter() - start
-    # A layer that runs after the last map layer never gets a gradient (the pass ends before it):
-    # its change is still zero and is left out of the result.
-    result.deltas = [delta for delta in (change.as_delta(name + ".to_k") for (name, _), change in zip(layers, changes))
+    # A layer that runs after the last map layer never gets a gradient from the maps (the pass ends
+    # before it), nor does a to_v from them: such a change is still zero and is left out.
+    result.deltas = [delta for delta in (change.as_delta(name) for (name, _), change in zip(projections, changes))
                      if delta.weight().abs().max() > 0]
     return result
 

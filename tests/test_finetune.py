@@ -130,3 +130,21 @@ def test_bad_input_is_refused_before_training(tiny_unet):
         FinetuneConfig(learning_rate=float("nan")).validated()
     with pytest.raises(ValueError, match="preservation prompts"):
         _train(tiny_unet, FinetuneConfig(preservation=0.5))
+
+
+def test_denoising_term_trains_values_on_images(tiny_unet):
+    image = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    prompts = [TrainingPrompt("a black cat and a frog", TARGET, latent=image)]
+    config = FinetuneConfig(steps=3, learning_rate=1e-2, batch_size=2, projections=("to_k", "to_v"),
+                            objective_weight=0.0, denoising=1.0)
+    result = train_key_projections(tiny_unet, _denoise(tiny_unet), lambda p: _context(len(p)), prompts, ALPHAS,
+                                   SHAPE, config)
+    names = {delta.name.rsplit(".", 1)[1] for delta in result.deltas}
+    assert names == {"to_k", "to_v"}  # the denoising error reaches every layer's values and keys
+    assert any(delta.name.startswith("up_blocks.2") for delta in result.deltas)
+    assert _hooks(tiny_unet) == 0
+    with pytest.raises(ValueError, match="image"):
+        train_key_projections(tiny_unet, _denoise(tiny_unet), lambda p: _context(len(p)),
+                              [TrainingPrompt("a black cat and a frog", TARGET)], ALPHAS, SHAPE, config)
+    with pytest.raises(ValueError, match="projections"):
+        FinetuneConfig(projections=("to_out",)).validated()

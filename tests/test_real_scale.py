@@ -38,3 +38,11 @@ def test_sdxls_lowest_up_level_has_its_thirty_layers():
     unet = build_unet("sdxl", 16, torch.float32, "cpu")
     names = [name for name, _ in find_cross_attention_layers(unet)]
     assert len(names) == 30 and all(name.startswith("up_blocks.0.") for name in names)
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl"])
+def test_training_step_cost_runs_on_both_layouts(layout):
+    from benchmark.real_scale import training_step_cost
+
+    cost = training_step_cost(layout, latent=8, steps=1, batch=2, divisor=16)
+    assert cost["train_step_s"] > 0 and cost["sampling_step_s"] > 0
