@@ -1,8 +1,9 @@
-"""Key-projection changes as a kohya-format LoRA file that the WebUIs and ComfyUI load as they are.
+"""Attention-projection changes as a kohya-format LoRA file that the WebUIs and ComfyUI load as they are.
 
-A trained change to each cross-attention ``to_k`` is written as ``lora_unet_<module path with "_">``
-with ``.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r) and ``.alpha`` (the file's delta is
-``up @ down * alpha / r``), or a full-rank ``.diff`` (out, in). The module path is the Linear's
+A trained change to a cross-attention ``to_k`` (or ``to_q`` / ``to_v``: any Linear of the UNet) is
+written as ``lora_unet_<module path with "_">`` with ``.lora_down.weight`` (r, in),
+``.lora_up.weight`` (out, r) and ``.alpha`` (the file's delta is ``up @ down * alpha / r``), or a
+full-rank ``.diff`` (out, in). The module path is the Linear's
 path relative to the UNet, in whichever layout the UNet has:
 
 - ldm / sgm (the WebUIs' own models): ``input_blocks.1.1.transformer_blocks.0.attn2.to_k`` ->

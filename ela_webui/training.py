@@ -62,6 +62,7 @@ class TrainingJob:
     steps: int = FinetuneConfig.steps
     learning_rate: float = FinetuneConfig.learning_rate
     objective: str = FinetuneConfig.objective
+    projections: list[str] = field(default_factory=lambda: list(FinetuneConfig.projections))
     rank: int = FinetuneConfig.rank
     layers: str = FinetuneConfig.layers
     batch_size: int = FinetuneConfig.batch_size
@@ -74,9 +75,9 @@ class TrainingJob:
 
     def config(self) -> FinetuneConfig:
         try:
-            return FinetuneConfig(objective=self.objective, steps=self.steps, learning_rate=self.learning_rate,
-                                  batch_size=self.batch_size, rank=self.rank, layers=self.layers,
-                                  preservation=self.preservation, seed=self.seed).validated()
+            return FinetuneConfig(objective=self.objective, projections=tuple(self.projections), steps=self.steps,
+                                  learning_rate=self.learning_rate, batch_size=self.batch_size, rank=self.rank,
+                                  layers=self.layers, preservation=self.preservation, seed=self.seed).validated()
         except (TypeError, ValueError) as error:
             raise TrainingRefused(422, str(error)) from None
 

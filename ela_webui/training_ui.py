@@ -17,7 +17,7 @@ from modules import shared
 from modules.call_queue import wrap_gradio_gpu_call
 
 from ela_ext.config import OBJECTIVE_NAMES
-from ela_ext.finetune import TRAIN_LAYER_CHOICES, FinetuneConfig
+from ela_ext.finetune import PROJECTIONS, TRAIN_LAYER_CHOICES, FinetuneConfig
 from ela_webui import training
 
 TAB_TITLE = "ELA training"
@@ -31,11 +31,12 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def run_training(_task_id, name, prompts, entities, steps, learning_rate, objective, rank, layers, batch_size,
-                 seed, width, height, overwrite):
+def run_training(_task_id, name, prompts, entities, steps, learning_rate, objective, projections, rank, layers,
+                 batch_size, seed, width, height, overwrite):
     """The tab's Train button: a message with the result, or the reason it did not train."""
     job = training.TrainingJob(name=name, prompts=_lines(prompts), entities=_lines(entities), steps=int(steps),
-                               learning_rate=float(learning_rate), objective=objective, rank=int(rank),
+                               learning_rate=float(learning_rate), objective=objective,
+                               projections=list(projections), rank=int(rank),
                                layers=layers, batch_size=int(batch_size), seed=int(seed),
                                width=int(width) or None, height=int(height) or None, overwrite=bool(overwrite))
     try:
@@ -63,6 +64,8 @@ def tab():
                                               elem_id="ela_train_learning_rate")
                     objective = gr.Dropdown(label="Objective", choices=list(OBJECTIVE_NAMES),
                                             value=defaults.objective, elem_id="ela_train_objective")
+                projections = gr.CheckboxGroup(label="Projections trained", choices=list(PROJECTIONS),
+                                               value=list(defaults.projections), elem_id="ela_train_projections")
                 with gr.Row():
                     rank = gr.Number(label="Rank (0: full)", value=defaults.rank, precision=0, elem_id="ela_train_rank")
                     layers = gr.Dropdown(label="Layers", choices=list(TRAIN_LAYER_CHOICES), value=defaults.layers,
@@ -83,8 +86,8 @@ def tab():
                 result = gr.HTML(elem_id="ela_train_result")
         task_id = gr.Textbox(visible=False)
         train_button.click(fn=wrap_gradio_gpu_call(run_training, extra_outputs=[]), _js="ela_start_training",
-                           inputs=[task_id, name, prompts, entities, steps, learning_rate, objective, rank, layers,
-                                   batch_size, seed, width, height, overwrite],
+                           inputs=[task_id, name, prompts, entities, steps, learning_rate, objective, projections, rank,
+                                   layers, batch_size, seed, width, height, overwrite],
                            outputs=[result])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
     return [(blocks, TAB_TITLE, "ela_training")]

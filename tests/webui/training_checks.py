@@ -13,6 +13,7 @@ without the LoRA, strength 1 another one.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -41,13 +42,13 @@ def lora_files(lora_dir: Path) -> list[str]:
 
 def assert_trained_lora_loads(server: WebUI, lora_dir: Path, name: str, model: str,
                               assert_all_keys_loaded: Callable[[str], None]) -> None:
-    """Train, then: the same image as before training (bytes), no hook left, a file with to_k
-    keys and the model's version; ``<lora:name:1>`` changes the image, ``<lora:name:0>`` gives the
+    """Train keys and queries, then: the same image as before training (bytes), no hook left, a
+    file with to_k and to_q keys and the model's version; ``<lora:name:1>`` changes the image, ``<lora:name:0>`` gives the
     image without it; ``assert_all_keys_loaded(file name)`` reads the host's log."""
     payload = txt2img_payload(**SIZE)
     before = server.txt2img(**payload)["images"][0]
     hooks_before = hook_counts(server)
-    result = server.post("/ela/v1/train", train_body(name))
+    result = server.post("/ela/v1/train", train_body(name, projections=["to_k", "to_q"]))
     assert result["lora"] == name and result["steps"] == FAST["steps"]
     assert result["seconds"] > 0 and 0 < result["loss_first"] < 10 and 0 < result["loss_last"] < 10
     assert hook_counts(server) == hooks_before
@@ -57,7 +58,8 @@ def assert_trained_lora_loads(server: WebUI, lora_dir: Path, name: str, model: s
     assert lora_files(lora_dir).count(path.name) == 1 and not [f for f in lora_files(lora_dir) if f.endswith(".tmp")]
     with safe_open(str(path), framework="pt") as file:
         keys, metadata = list(file.keys()), file.metadata()
-    assert keys and all(key.startswith("lora_unet_") and "_attn2_to_k." in key for key in keys), keys
+    assert all(key.startswith("lora_unet_") for key in keys), keys
+    assert {re.search(r"_attn2_(to_[kq])\.", key).group(1) for key in keys} == {"to_k", "to_q"}, keys
     assert metadata["ss_base_model_version"] == BASE_MODEL_VERSIONS[model]
     assert metadata["ss_output_name"] == name
 
@@ -113,6 +115,7 @@ BAD_REQUESTS = [
     ({"learning_rate": float("nan")}, 422, "learning_rate must be a positive number"),
     ({"steps": 0}, 422, "steps and batch_size must be at least 1"),
     ({"objective": "nope"}, 422, "objective 'nope' is not one of"),
+    ({"projections": ["to_out"]}, 422, "projections ('to_out',) must be some of"),
     ({"name": "../outside"}, 422, "no folders"),
     ({"width": 100}, 422, "multiples of 8"),
 ]
