@@ -1,8 +1,9 @@
-"""Key-projection changes as a kohya-format LoRA file that the WebUIs and ComfyUI load as they are.
+"""Attention-projection changes as a kohya-format LoRA file that the WebUIs and ComfyUI load as they are.
 
-A trained change to each cross-attention ``to_k`` is written as ``lora_unet_<module path with "_">``
-with ``.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r) and ``.alpha`` (the file's delta is
-``up @ down * alpha / r``), or a full-rank ``.diff`` (out, in). The module path is the Linear's
+A trained change to a cross-attention ``to_k`` (or ``to_q`` / ``to_v``: any Linear of the UNet) is
+written as ``lora_unet_<module path with "_">`` with ``.lora_down.weight`` (r, in),
+``.lora_up.weight`` (out, r) and ``.alpha`` (the file's delta is ``up @ down * alpha / r``), or a
+full-rank ``.diff`` (out, in). The module path is the Linear's
 path relative to the UNet, in whichever layout the UNet has:
 
 - ldm / sgm (the WebUIs' own models): ``input_blocks.1.1.transformer_blocks.0.attn2.to_k`` ->
@@ -44,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
 LowRank = tuple  # (down (r, in), up (out, r), alpha)
@@ -134,10 +135,13 @@ def save_lora(path: str | os.PathLike, deltas: Mapping[str, Delta], family: str,
         if not isinstance(value, str):
             raise LoraFileError(f"metadata {key!r} must be a string (JSON-encode structured values)")
         header[key] = value
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    data = serialize(tensors, metadata=header)
+    # Written by open(), not mkstemp or save_file (both make the file private, 0600): the LoRA
+    # gets the mode of any file the WebUI writes (umask).
+    temporary = path.parent / f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_file(tensors, temporary, metadata=header)
+        with open(temporary, "xb") as file:
+            file.write(data)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

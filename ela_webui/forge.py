@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from backend import memory_management
 from backend.sampling.sampling_function import compute_cond_indices, compute_cond_mark
 from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
 
@@ -50,6 +51,21 @@ def _as_saved(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def grad_scope(unet: nn.Module) -> Iterator[None]:
+    """Where a grad pass (or a training step) can run on Forge's UNet (see the module doc)."""
+    with torch.inference_mode(False), torch.autograd.graph.saved_tensors_hooks(_save_a_copy, _as_saved):
+        # At each pass: Forge may have put inference tensors back (reload, LoRA) since the last.
+        replace_inference_weights(unet)
+        yield
+
+
+def prepare_unet(sd_model) -> None:
+    """Load the UNet (and the LoRA patches of the last generation) onto the compute device, as
+    Forge's ``sampling_prepare`` does before sampling; the text encoder may have displaced it."""
+    memory_management.load_model_gpu(sd_model.forge_objects.unet)
+
+
 def _clone(value):
     if isinstance(value, dict):
         return {key: _clone(item) for key, item in value.items()}
@@ -65,13 +81,8 @@ class ForgeModel:
         # its CFGDenoiser converts them to k-diffusion's x and sigma, and so does the grad pass.
         self.timestep_sampler = isinstance(denoiser, CFGDenoiserTimesteps)
 
-    @contextlib.contextmanager
-    def grad_scope(self) -> Iterator[None]:
-        """Where a grad pass can run inside Forge's inference-mode sampling (see the module doc)."""
-        with torch.inference_mode(False), torch.autograd.graph.saved_tensors_hooks(_save_a_copy, _as_saved):
-            # At each pass: Forge may have put inference tensors back (reload, LoRA) since the last.
-            replace_inference_weights(self.sd_model.forge_objects.unet.model.diffusion_model)
-            yield
+    def grad_scope(self) -> contextlib.AbstractContextManager:
+        return grad_scope(self.sd_model.forge_objects.unet.model.diffusion_model)
 
     def grad_inputs(self, latent, sigma, text_cond, image_cond):
         """Normal-tensor copies of this call's inference tensors; call inside ``grad_scope``."""

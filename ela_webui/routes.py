@@ -1,5 +1,6 @@
-"""HTTP routes: ``POST /ela/v1/tokens`` for the UI's token preview and for API users, and the
-debug routes of ``debug.py`` (only with ``ELA_DEBUG=1``).
+"""HTTP routes: ``POST /ela/v1/tokens`` for the UI's token preview and for API users,
+``POST /ela/v1/train`` (training a LoRA on the loaded model, ``training.py``), and the debug routes
+of ``debug.py`` (only with ``ELA_DEBUG=1``).
 
 The token route runs beside generations (FastAPI's thread pool, no queue lock): it only reads the
 model's tokenizer, and it refuses up front the input that would hold a thread for long.
@@ -13,9 +14,10 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from modules import shared
+from modules.call_queue import queue_lock
 
 from ela_ext.entities import EntitySpecError, format_spec
-from ela_webui import debug
+from ela_webui import debug, training
 from ela_webui.prompts import (PREVIEW_STEPS, PromptSyntaxError, entity_phrases, first_sub_prompt, resolve,
                                scheduled_texts, strip_extra_networks, text_encoder, token_rows)
 from ela_webui.sampling import diffusion_model
@@ -83,6 +85,18 @@ def _refuse_costly_schedule(text: str) -> None:
             "[from:to:when] or [a|b]): the WebUI's schedule parser would take minutes"))
 
 
+def train(job: training.TrainingJob) -> dict:
+    """Train a LoRA on the loaded model, synchronously like ``/sdapi/v1/train/embedding``; answers
+    ``{"lora", "steps", "loss_first", "loss_last", "seconds"}``, or the reason with 4xx (422 input,
+    non-finite loss, out of memory; 409 interrupted, name taken, no model). Under the queue lock,
+    as a generation: it never runs beside one."""
+    with queue_lock, training.training_job("ela_train"):
+        try:
+            return training.train(job)
+        except training.TrainingRefused as error:
+            raise HTTPException(status_code=error.status, detail=str(error)) from None
+
+
 def debug_calls() -> dict:
     return {"calls": debug.calls, "steps": debug.step_logs()}
 
@@ -109,6 +123,7 @@ def debug_fault(request: FaultRequest) -> dict:
 def register(_demo, app: FastAPI) -> None:
     """``script_callbacks.on_app_started`` target (also fired with ``--nowebui``)."""
     app.add_api_route("/ela/v1/tokens", tokens, methods=["POST"])
+    app.add_api_route("/ela/v1/train", train, methods=["POST"])
     if debug.ENABLED:
         app.add_api_route("/ela/v1/debug/calls", debug_calls, methods=["GET"])
         app.add_api_route("/ela/v1/debug/hooks", debug_hooks, methods=["GET"])

@@ -216,3 +216,15 @@
         }
     });
 })();
+
+// The "ELA training" tab's Train button (ela_webui/training_ui.py): a task id for the WebUI's
+// progress bar, as its own Train tab does (start_training_textual_inversion). Global: the button's
+// _js names it.
+function ela_start_training() {
+    const id = randomId();
+    gradioApp().getElementById("ela_train_result").innerHTML = "";
+    requestProgress(id, gradioApp().getElementById("ela_train_progress"), null, function() {});
+    const args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}

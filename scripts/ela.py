@@ -1,4 +1,5 @@
-"""The WebUI script: the "Entity Anchoring (ELA)" accordion in txt2img and img2img.
+"""The WebUI script: the "Entity Anchoring (ELA)" accordion in txt2img and img2img (and, registered
+here, the "ELA training" tab and the HTTP routes).
 
 Translation only: the UI's values become an ``ElaConfig``, the sampler is wrapped by
 ``ela_webui.sampling``, the results go to the infotext, the gallery and the output folder. The
@@ -19,7 +20,7 @@ from modules.ui_components import InputAccordion
 
 from ela_ext.config import (API_FIELDS, BINARIZATION_CHOICES, FIELD_BOUNDS, FIELD_HELP, LAYER_CHOICES,
                             OBJECTIVE_NAMES, PRESETS, ConfigError, ElaConfig)
-from ela_webui import debug, routes, xyz
+from ela_webui import debug, routes, training_ui, xyz
 from ela_webui.generation import ElaRun
 
 TITLE = "Entity Anchoring (ELA)"
@@ -184,4 +185,5 @@ def _attribute(text: str) -> str:
 
 
 script_callbacks.on_app_started(routes.register)
+script_callbacks.on_ui_tabs(training_ui.tab)
 xyz.add_axes_when_loaded(LABELS)

@@ -4,6 +4,8 @@ and merging into a diffusers UNet. The hosts' own mapping code is run in tests/w
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -101,10 +103,19 @@ def test_non_string_metadata_is_refused(tmp_path):
 def test_a_failing_write_leaves_no_temporary(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr("ela_ext.lora_file.save_file", fail)
+    monkeypatch.setattr("ela_ext.lora_file.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_lora(tmp_path / "x.safetensors", {"a.to_k": torch.ones(2, 2)}, "sd1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_file_gets_the_usual_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_lora(tmp_path / "x.safetensors", {"a.to_k": torch.ones(2, 2)}, "sd1")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def tiny_unet():

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
+                             test_a_taken_lora_name_is_refused_unless_overwrite,
+                             test_training_bad_input_answers_with_the_reason,
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
 from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port, absent_image_or_skip,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor, assert_no_failure,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
@@ -38,7 +42,7 @@ FORGE_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cud
 class Forge(WebUI):
     """A Forge process; the stdlib HTTP calls, readiness wait and stop are ``WebUI``'s."""
 
-    def __init__(self, root: Path, workdir: Path, name: str, env: dict[str, str]):
+    def __init__(self, root: Path, workdir: Path, name: str, env: dict[str, str], extra_flags: tuple[str, ...] = ()):
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,7 +52,7 @@ class Forge(WebUI):
                       "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                       "OMP_NUM_THREADS": "1", "COMMANDLINE_ARGS": "", **env}
         flags = [*FORGE_FLAGS, "--port", str(self.port), "--ui-settings-file", str(workdir / f"{name}-config.json"),
-                 "--ui-config-file", str(workdir / f"{name}-ui-config.json")]
+                 "--ui-config-file", str(workdir / f"{name}-ui-config.json"), *extra_flags]
         with open(self.log, "w") as log:
             process = subprocess.Popen([str(root / "venv" / "bin" / "python"), "launch.py", *flags], cwd=root / "webui",
                                        env=launch_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -101,10 +105,16 @@ def absent_images(forge_root, forge_workdir):
 
 
 @pytest.fixture(scope="module")
-def forge_server(forge_root, forge_workdir, absent_images):
-    """Forge with the extension linked and its debug routes on (ELA_DEBUG=1)."""
+def lora_dir(forge_workdir) -> Path:
+    return forge_workdir / "lora"
+
+
+@pytest.fixture(scope="module")
+def forge_server(forge_root, forge_workdir, absent_images, lora_dir):
+    """Forge with the extension linked, its debug routes on (ELA_DEBUG=1) and a Lora folder of the
+    tests' own (trained LoRAs go there, not into the prepared Forge)."""
     with checkout_in_extensions(forge_root), \
-            Forge(forge_root, forge_workdir, "with-ela", {"ELA_DEBUG": "1"}) as server:
+            Forge(forge_root, forge_workdir, "with-ela", {"ELA_DEBUG": "1"}, ("--lora-dir", str(lora_dir))) as server:
         yield server
 
 
@@ -112,6 +122,12 @@ def forge_server(forge_root, forge_workdir, absent_images):
 def forge(forge_server):
     """Forge with the tiny SD1 checkpoint loaded."""
     return use_model(forge_server, "sd1")
+
+
+@pytest.fixture
+def training_host(forge):
+    """For the tests imported from training_checks."""
+    return forge
 
 
 @pytest.fixture
@@ -204,3 +220,18 @@ def test_batch_anchors_every_image(forge):
     batch = forge.txt2img(**txt2img_payload("Euler a", batch_size=2, n_iter=2, **SIZE), **ela_args())
     assert len(batch["images"]) == 4
     assert all("ELA log: steps=3;" in text for text in batch["info"]["infotexts"])
+
+
+@pytest.mark.parametrize("forge_model", FORGE_MODELS, indirect=True)
+def test_trained_lora_loads_and_the_model_is_unchanged(forge_model, lora_dir, request):
+    """Training in Forge (inference-mode weights, its own UNet call); Forge's Lora extension
+    prints what it loaded: every key of the file, none skipped or unmatched."""
+    model = request.node.callspec.params["forge_model"]
+
+    def assert_all_keys_loaded(file_name: str) -> None:
+        lines = [line for line in forge_model.log.read_text(errors="replace").splitlines()
+                 if "[LORA]" in line and file_name in line]
+        assert lines and all("skipped 0 keys" in line for line in lines), lines
+        assert not [line for line in lines if "unmatched" in line or "ismatch" in line], lines
+
+    assert_trained_lora_loads(forge_model, lora_dir, f"pair-{model}", model, assert_all_keys_loaded)
