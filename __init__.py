@@ -1,0 +1,19 @@
+"""ComfyUI's entry point to this repository, which is also an AUTOMATIC1111/Forge extension.
+
+ComfyUI imports every folder in ``custom_nodes/`` through its ``__init__.py`` and reads
+``NODE_CLASS_MAPPINGS``; the WebUI never imports this file (it loads ``scripts/*.py``), and pytest
+does not either (``tests/`` is not a package). The repository root is appended to ``sys.path`` so
+that ``ela_comfy`` and the engine ``ela_ext`` import as top-level packages, as they do in the WebUI
+and in the tests; appended, not prepended, so that no folder here shadows a module of ComfyUI's.
+"""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+from ela_comfy.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
