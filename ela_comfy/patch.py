@@ -113,9 +113,11 @@ class AnchoredRun:
     """One sampler run of a patched model: its step counter, its session, its weights."""
 
     def __init__(self, patch: "AnchoringPatch", guider: Any, sigmas: torch.Tensor, extra_args: dict,
-                 sampler_name: str, batch: int):
+                 sampler: Any, batch: int):
         self.report = patch.report
-        self.counter = StepCounter(sampler_name, sigmas.tolist())
+        function = getattr(sampler, "sampler_function", None)
+        eta = float(getattr(sampler, "extra_options", {}).get("eta", 1.0))
+        self.counter = StepCounter(getattr(function, "__name__", ""), sigmas.tolist(), eta)
         self.warnings: list[str] = []
         self.session: Optional[AnchoringSession] = None
         self.weights = NormalWeights(guider.inner_model.diffusion_model)
@@ -190,10 +192,9 @@ class AnchoringPatch:
         return patched
 
     def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
-        sampler = getattr(executor.class_obj, "sampler_function", None)
         try:
-            run: Optional[AnchoredRun] = AnchoredRun(self, guider, sigmas, extra_args,
-                                                     getattr(sampler, "__name__", ""), noise.shape[0])
+            run: Optional[AnchoredRun] = AnchoredRun(self, guider, sigmas, extra_args, executor.class_obj,
+                                                     noise.shape[0])
         except Exception as error:  # noqa: BLE001 - our failure must not fail the sampling
             logger.exception("ELA: could not start anchoring")
             self.report.record_run("steps=0", [], [f"anchoring not started: {type(error).__name__}: {error}"], None)

@@ -6,10 +6,13 @@ values for ``n`` steps, the last 0 or the end of a partial schedule). The first 
 step ``i`` is at ``sigmas[i]`` on the sampler's own latent; evaluations at other noise levels
 (DPM2's and DPM++ 2S/SDE's midpoints) are a step's later evaluations of temporary latents.
 
-Two samplers also evaluate temporaries AT schedule levels before the step there starts: Heun
-evaluates ``x + d dt`` at ``sigmas[i + 1]`` and Heun++ (``heunpp2``) at ``sigmas[i + 1]`` and
-``sigmas[i + 2]`` (``comfy/k_diffusion/sampling.py``). For them the first evaluation of step ``i``
-is the one after those temporaries; ``temporaries_before`` counts them. The latent is updated
+Some samplers also evaluate temporaries AT schedule levels before the step there starts: Heun
+evaluates ``x + d dt`` at ``sigmas[i + 1]``, Heun++ (``heunpp2``) at ``sigmas[i + 1]`` and
+``sigmas[i + 2]`` (``comfy/k_diffusion/sampling.py``), and DPM2 ancestral and DPM++ 2S ancestral
+at their midpoint ``sqrt(sigma_i * sigma_down)``, which at ``eta`` = 1 (their default) is exactly
+``sigma_(i+1)``, since then ``sigma_down = sigma_(i+1)^2 / sigma_i`` (found in the evaluations
+recorded from ComfyUI, ``tests/fixtures/comfy_recorded.json``). For them the first evaluation of
+step ``i`` is the one after those temporaries; ``temporaries_before`` counts them. The latent is updated
 only at a step's first evaluation, as in the WebUI, because only that tensor is the one the
 sampler continues from.
 """
@@ -24,6 +27,7 @@ from typing import Optional, Sequence
 # schedule levels.
 HEUN = "sample_heun"
 HEUN_PLUS_PLUS = "sample_heunpp2"
+MIDPOINT_AT_NEXT_LEVEL = ("sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral")  # when eta == 1
 
 
 def schedule_index(sigmas: Sequence[float], sigma: float) -> Optional[int]:
@@ -35,11 +39,11 @@ def schedule_index(sigmas: Sequence[float], sigma: float) -> Optional[int]:
     return None
 
 
-def temporaries_before(sampler: str, sigmas: Sequence[float], index: int) -> int:
+def temporaries_before(sampler: str, sigmas: Sequence[float], index: int, eta: float = 1.0) -> int:
     """How many evaluations of earlier steps' temporaries come at ``sigmas[index]`` before the
-    first evaluation of step ``index`` (see the module doc)."""
+    first evaluation of step ``index`` (see the module doc); ``eta``: the sampler's option."""
     end = float(sigmas[-1])
-    if sampler == HEUN:
+    if sampler == HEUN or (sampler in MIDPOINT_AT_NEXT_LEVEL and eta == 1.0):
         # Step i - 1 takes an Euler step (no temporary) only when its next level is 0.
         return int(index >= 1 and float(sigmas[index]) != 0)
     if sampler == HEUN_PLUS_PLUS:
@@ -55,8 +59,9 @@ class StepCounter:
     """Counts one sampling run's evaluations at each schedule level and says which evaluation
     starts a step: ``first_evaluation(sigma)`` is the step index there, else None."""
 
-    def __init__(self, sampler: str, sigmas: Sequence[float]):
+    def __init__(self, sampler: str, sigmas: Sequence[float], eta: float = 1.0):
         self.sampler = sampler
+        self.eta = eta
         self.sigmas = [float(level) for level in sigmas]
         self._seen: Counter[int] = Counter()
 
@@ -69,4 +74,4 @@ class StepCounter:
         if index is None:
             return None
         self._seen[index] += 1
-        return index if self._seen[index] == temporaries_before(self.sampler, self.sigmas, index) + 1 else None
+        return index if self._seen[index] == temporaries_before(self.sampler, self.sigmas, index, self.eta) + 1 else None
