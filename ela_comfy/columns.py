@@ -16,6 +16,7 @@ so the same ids. Host-free (only torch): the host hands in its tokenizer as a fu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,7 +31,8 @@ TokenChunks = Sequence[Sequence[Sequence[Any]]]
 # text -> {encoder key: chunks}: ComfyUI's ``CLIP.tokenize``.
 Tokenize = Callable[[str], Mapping[str, TokenChunks]]
 
-EMBEDDING_PREFIX = "embedding:"
+# ``embedding:name`` as it stands in a prompt, without the weight syntax around it.
+EMBEDDING_NAME = re.compile(r"embedding:[^\s()\[\]{}:,]+", re.IGNORECASE)
 
 
 class EmbeddingIds:
@@ -78,7 +80,7 @@ def resolve_prompt(phrases: Sequence[EntityPhrase], text: str, tokenize: Tokeniz
     fewer than two entities.
     """
     prompt_tokens = tokenize(text)
-    original_case = {word.lower(): word for word in text.split() if word.lower().startswith(EMBEDDING_PREFIX)}
+    original_case = {name.lower(): name for name in EMBEDDING_NAME.findall(text)}
     resolved = []
     for encoder in encoders:
         embeddings = EmbeddingIds()

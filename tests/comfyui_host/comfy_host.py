@@ -8,8 +8,10 @@ test here skips and says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import re
 import json
 import os
 import subprocess
@@ -22,14 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 WORKFLOW = CHECKOUT / "ela_comfy" / "workflows" / "txt2img_api.json"
 RUN_SH = Path(os.environ.get("ELA_COMFY_RUN_SH", CHECKOUT.parent / "shared" / "comfy-host" / "run.sh"))
 PACK_NAME = "ela-node-pack-under-test"
 CHECKPOINT = "tiny-sd15.safetensors"
-ELA_NODE, REPORT_NODE, SAMPLER_NODE, SAVE_NODE = "5", "9", "6", "8"
+ELA_NODE, REPORT_NODE, SAMPLER_NODE, SAVE_NODE, GRID_NODE = "5", "9", "6", "8", "10"
+EMBEDDING_NAME = "ela-test-embedding"
+SUMMARY = re.compile(r"ELA log: steps=(\d+);updates=(\d+);first=([\d.]+)->([\d.]+);last=([\d.]+)->([\d.]+)")
 
 
 def comfy_root_or_skip() -> Path:
@@ -44,6 +50,18 @@ def comfy_root_or_skip() -> Path:
     if not RUN_SH.exists():
         pytest.skip(f"{RUN_SH} not found: set ELA_COMFY_RUN_SH to the host's run.sh")
     return path
+
+
+@contextlib.contextmanager
+def write_embedding(root: Path):
+    """A random two-vector CLIP-L embedding in the host's embeddings folder, removed afterwards."""
+    path = root / "ComfyUI" / "models" / "embeddings" / f"{EMBEDDING_NAME}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(0))}, str(path))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 class ComfyUI:
@@ -139,6 +157,17 @@ class Result:
     def text(self, node: str = REPORT_NODE) -> str:
         assert self.ok, self.entry["status"]
         return "\n".join(self.entry["outputs"][node]["text"])
+
+    def summary(self) -> tuple[int, int, float, float]:
+        """(anchored steps, updates, first loss, last loss of the first anchored step)."""
+        match = SUMMARY.search(self.text())
+        assert match, self.text()
+        return int(match[1]), int(match[2]), float(match[3]), float(match[4])
+
+    def executed(self, node: str) -> bool:
+        """Whether ``node`` ran in this prompt (not served from ComfyUI's cache)."""
+        cached = [data["nodes"] for kind, data in self.entry["status"]["messages"] if kind == "execution_cached"]
+        return not any(node in nodes for nodes in cached)
 
 
 def workflow(sampler: str = "euler", steps: int = 8, seed: int = 42, size: int = 64, **ela) -> dict:

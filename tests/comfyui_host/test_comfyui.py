@@ -1,0 +1,179 @@
+"""The node pack in a real ComfyUI (v0.3.64, CPU, the tiny random SD1.5-shaped checkpoint), driven
+through its HTTP API with the repository's example workflow ``ela_comfy/workflows/txt2img_api.json``.
+
+Its images are noise: these tests check the mechanics (the pack loads, anchoring changes the image
+with a falling loss under each sampler, off and absent are pixel-identical, nothing outlives a
+prompt, bad input gives a warning and the plain image), not image quality.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import pytest
+from comfy_host import (ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NAME, REPORT_NODE, SAMPLER_NODE, without_ela,
+                        workflow)
+
+from ela_ext.config import API_FIELDS
+
+SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "heun", "ddim", "uni_pc"]
+PROMPT = "a black cat and a green frog"
+
+
+def assert_anchored(result, steps: int = 3) -> None:
+    """8 steps, window 0-0.3: steps 0, 1 and 2 anchored, the first step's loss falling."""
+    anchored, updates, first, last = result.summary()
+    assert (anchored, updates) == (steps, 5 * steps), result.text()
+    assert last < first, result.text()
+
+
+def test_the_pack_loads_with_every_setting(comfy):
+    status, info = comfy.request("GET", "/object_info/ElaAnchoring")
+    assert status == 200 and "ElaAnchoring" in info, info
+    inputs = info["ElaAnchoring"]["input"]["required"]
+    # Every ElaConfig field but save_masks (the report node's IMAGE output takes its place).
+    assert set(inputs) == {"model", "clip", "text", *API_FIELDS} - {"save_masks"}
+    assert info["ElaAnchoring"]["output"] == ["MODEL", "ELA_RUN"]
+    status, info = comfy.request("GET", "/object_info/ElaReport")
+    assert status == 200 and info["ElaReport"]["output"] == ["IMAGE", "STRING"]
+    failed = [line for line in comfy.log_text().splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not [line for line in failed if PACK_NAME in line], failed
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_anchoring_changes_the_image_and_the_loss_falls(comfy, sampler):
+    on = comfy.run(workflow(sampler))
+    off = comfy.run(workflow(sampler, enabled=False))
+    assert_anchored(on)
+    assert np.abs(on.pixels().astype(int) - off.pixels().astype(int)).mean() > 0.5
+    assert off.text() == "ELA off"
+    grid = on.pixels(GRID_NODE)
+    assert grid.shape[0] > 64 and grid.shape[1] > 64  # the grid, not the blank placeholder
+    if sampler == "euler" and os.environ.get("ELA_COMFY_MASK_GRID"):
+        shutil.copy(comfy.root / "output" / on.entry["outputs"][GRID_NODE]["images"][0]["filename"],
+                    os.environ["ELA_COMFY_MASK_GRID"])
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "uni_pc"])
+def test_off_is_pixel_identical_to_the_workflow_without_the_node(comfy, sampler):
+    off = comfy.run(workflow(sampler, enabled=False))
+    absent = comfy.run(without_ela(workflow(sampler)))
+    assert np.array_equal(off.pixels(), absent.pixels())
+
+
+def rerun_plain(prompt: dict, negative: str) -> dict:
+    """The plain workflow with an equivalent negative prompt (same tokens: ComfyUI drops empty
+    words), so the sampler runs again on the model already loaded instead of being cached."""
+    plain = without_ela(prompt)
+    plain["3"]["inputs"]["text"] = negative
+    return plain
+
+
+def test_no_patch_outlives_its_prompt(comfy):
+    before = comfy.run(rerun_plain(workflow("euler", seed=7), "blurry"))
+    assert_anchored(comfy.run(workflow("euler", seed=7)))
+    after = comfy.run(rerun_plain(workflow("euler", seed=7), "blurry "))
+    assert after.executed(SAMPLER_NODE) and not after.executed("1")  # the same loaded model sampled again
+    assert np.array_equal(before.pixels(), after.pixels())
+
+
+def with_sampler_node(prompt: dict, kind: str) -> dict:
+    """The workflow with KSamplerAdvanced or SamplerCustom in place of KSampler, same settings."""
+    ksampler = prompt[SAMPLER_NODE]["inputs"]
+    common = {"model": ksampler["model"], "positive": ksampler["positive"], "negative": ksampler["negative"],
+              "latent_image": ksampler["latent_image"], "cfg": ksampler["cfg"]}
+    if kind == "KSamplerAdvanced":
+        prompt[SAMPLER_NODE] = {"class_type": kind, "inputs": {
+            **common, "add_noise": "enable", "noise_seed": ksampler["seed"], "steps": ksampler["steps"],
+            "sampler_name": ksampler["sampler_name"], "scheduler": ksampler["scheduler"], "start_at_step": 0,
+            "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    else:
+        prompt["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": ksampler["sampler_name"]}}
+        prompt["21"] = {"class_type": "BasicScheduler", "inputs": {
+            "model": ksampler["model"], "scheduler": ksampler["scheduler"], "steps": ksampler["steps"], "denoise": 1.0}}
+        prompt[SAMPLER_NODE] = {"class_type": kind, "inputs": {
+            **common, "add_noise": True, "noise_seed": ksampler["seed"], "sampler": ["20", 0], "sigmas": ["21", 0]}}
+    return prompt
+
+
+@pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustom"])
+def test_the_other_stock_samplers_anchor(comfy, kind):
+    on = comfy.run(with_sampler_node(workflow("euler"), kind))
+    off = comfy.run(with_sampler_node(workflow("euler", enabled=False), kind))
+    assert_anchored(on)
+    assert not np.array_equal(on.pixels(), off.pixels())
+    # The same sampling as KSampler's: the anchored images agree.
+    assert np.array_equal(on.pixels(), comfy.run(workflow("euler")).pixels())
+
+
+def test_long_prompt_weights_and_an_embedding_anchor_in_the_second_chunk(comfy):
+    text = ("a photo of " + ", ".join(["highly detailed"] * 40)
+            + f", a (red cube:1.2) and a ((embedding:{EMBEDDING_NAME}))")
+    prompt = workflow("euler", text=text, entities=f"red cube | embedding:{EMBEDDING_NAME}")
+    prompt["2"]["inputs"]["text"] = text
+    result = comfy.run(prompt)
+    assert_anchored(result)
+    message = result.text(ELA_NODE)
+    assert message.startswith("ELA entities: cube "), message
+    columns = [int(number) for number in re.findall(r"(?<![\w-])\d+", message)]
+    assert len(columns) == 4 and all(column > 77 for column in columns), message  # cube, red, 2 vectors
+    assert "embedding:" + EMBEDDING_NAME in message
+
+
+@pytest.mark.parametrize("case, change, warning", [
+    ("entity not in the prompt", {"entities": "cat | dog"}, "not found in the prompt: 'dog'"),
+    ("empty prompt", {"text": "", "entities": "", "conditioning": ""}, "ELA needs at least two entities, found 0"),
+    ("NaN setting", {"lambda_weight": float("nan")}, "lambda_weight must be in [0.0, 1.0], got nan"),
+    ("single entity", {"entities": "cat"}, "ELA needs at least two entities, found 1"),
+    ("conditioning from another prompt", {"conditioning": "a green frog and a black cat"},
+     "the sampler's positive conditioning is not this node's prompt"),
+])
+def test_bad_input_gives_a_warning_and_the_plain_image(comfy, case, change, warning):
+    change = dict(change)
+    conditioning = change.pop("conditioning", PROMPT)
+    prompt = workflow("euler", **change)
+    prompt["2"]["inputs"]["text"] = conditioning
+    result = comfy.run(prompt)
+    assert warning in result.text(), result.text()
+    assert "ELA log: steps=0" in result.text()
+    assert np.array_equal(result.pixels(), comfy.run(without_ela(prompt)).pixels()), case
+
+
+def test_an_interrupt_leaves_nothing_behind(comfy):
+    before = comfy.run(rerun_plain(workflow("euler", seed=11), "blurry"))
+    long_run = workflow("euler", seed=11, steps=40, window_end=1.0, loss_threshold=0.0)
+    prompt_id = comfy.queue(long_run)
+    for _ in range(600):
+        _, queue = comfy.request("GET", "/queue")
+        if queue.get("queue_running"):
+            break
+        time.sleep(0.1)
+    time.sleep(3)  # inside the sampling: 40 anchored steps take about 20 s here
+    comfy.request("POST", "/interrupt", {})
+    entry = comfy.wait(prompt_id)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert "ELA: sampling stopped (InterruptProcessingException) before the run ended" in comfy.log_text()
+    after = comfy.run(rerun_plain(workflow("euler", seed=11), "blurry  "))
+    assert after.executed(SAMPLER_NODE)
+    assert np.array_equal(before.pixels(), after.pixels())
+
+
+def test_cost_of_an_anchored_image(comfy):
+    """Wall time of the whole workflow, anchored (defaults) against plain, 64x64, 20 Euler steps,
+    three seeds each; printed for the README (pytest -s)."""
+    timings = {"plain": [], "anchored": []}
+    for seed in (101, 102, 103):
+        for kind in ("plain", "anchored"):
+            prompt = workflow("euler", steps=20, seed=seed)
+            prompt = without_ela(prompt) if kind == "plain" else prompt
+            start = time.perf_counter()
+            assert comfy.run(prompt).ok
+            timings[kind].append(time.perf_counter() - start)
+    ratio = float(np.median(timings["anchored"]) / np.median(timings["plain"]))
+    print(f"\nComfyUI cost: plain {np.median(timings['plain']):.2f} s, anchored {np.median(timings['anchored']):.2f} s, "
+          f"ratio {ratio:.2f} (64x64, 20 euler steps, window 0-0.3, 5 iterations)")
+    assert 1.0 < ratio < 10.0
