@@ -8,6 +8,7 @@ prompt, bad input gives a warning and the plain image), not image quality.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,8 +16,8 @@ import time
 
 import numpy as np
 import pytest
-from comfy_host import (ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NAME, REPORT_NODE, SAMPLER_NODE, without_ela,
-                        workflow)
+from comfy_host import (CHECKPOINT, ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NAME, REPORT_NODE, SAMPLER_NODE, WORKFLOW,
+                        without_ela, workflow)
 
 from ela_ext.config import API_FIELDS
 
@@ -177,3 +178,44 @@ def test_cost_of_an_anchored_image(comfy):
     print(f"\nComfyUI cost: plain {np.median(timings['plain']):.2f} s, anchored {np.median(timings['anchored']):.2f} s, "
           f"ratio {ratio:.2f} (64x64, 20 euler steps, window 0-0.3, 5 iterations)")
     assert 1.0 < ratio < 10.0
+
+
+def api_from_ui(ui: dict, object_info: dict) -> dict:
+    """What the front end queues for a UI-format workflow: each node's widget values assigned to its
+    widget inputs in the server's ``input_order`` (a seed's "control after generate" value skipped),
+    its links to the other inputs."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        info = object_info[node["type"]]
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        values = iter(node["widgets_values"])
+        inputs = {}
+        for name in info["input_order"].get("required", []) + info["input_order"].get("optional", []):
+            linked = [slot for slot in node["inputs"] if slot["name"] == name]
+            if linked:
+                _, origin, origin_slot, target, _, kind = links[linked[0]["link"]]
+                assert target == node["id"] and kind == object_info[
+                    next(n["type"] for n in ui["nodes"] if n["id"] == origin)]["output"][origin_slot]
+                inputs[name] = [str(origin), origin_slot]
+            else:
+                inputs[name] = next(values)
+                if specs[name][1].get("control_after_generate"):
+                    assert next(values) == "fixed"
+        assert next(values, None) is None, f"{node['type']}: widget values left over"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("family", ["txt2img", "sdxl"])
+def test_the_ui_workflows_are_the_api_workflows(comfy, family):
+    """The drag-and-drop (UI format) examples queue exactly the API-format ones, read with the
+    running server's node definitions; the API ones validate (a 400 would name the input)."""
+    folder = WORKFLOW.parent
+    _, object_info = comfy.request("GET", "/object_info")
+    api = json.loads((folder / f"{family}_api.json").read_text())
+    assert api_from_ui(json.loads((folder / f"{family}_ui.json").read_text()), object_info) == api
+    api["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    api["4"]["inputs"].update(width=64, height=64)
+    api[SAMPLER_NODE]["inputs"]["steps"] = 4
+    assert comfy.run(api).ok
