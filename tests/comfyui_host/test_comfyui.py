@@ -59,6 +59,19 @@ def test_anchoring_changes_the_image_and_the_loss_falls(comfy, sampler):
                     os.environ["ELA_COMFY_MASK_GRID"])
 
 
+def test_a_batch_of_two_anchors_both_images(comfy):
+    prompt = workflow("euler")
+    prompt["4"]["inputs"]["batch_size"] = 2
+    on = comfy.run(prompt)
+    off = comfy.run(without_ela(prompt))
+    assert_anchored(on)
+    images = on.entry["outputs"]["8"]["images"]
+    plain = off.entry["outputs"]["8"]["images"]
+    assert len(images) == len(plain) == 2
+    for anchored, unanchored in zip(images, plain):
+        assert not np.array_equal(comfy.image(anchored), comfy.image(unanchored))
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun", "uni_pc"])
 def test_off_is_pixel_identical_to_the_workflow_without_the_node(comfy, sampler):
     off = comfy.run(workflow(sampler, enabled=False))
