@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from comfy_host import (CHECKPOINT, ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NAME, REPORT_NODE, SAMPLER_NODE, WORKFLOW,
+from comfy_host import (CHECKPOINT, ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NAME, SAMPLER_NODE, WORKFLOW,
                         without_ela, workflow)
 
 from ela_ext.config import API_FIELDS
@@ -92,6 +92,31 @@ def test_no_patch_outlives_its_prompt(comfy):
     assert_anchored(comfy.run(workflow("euler", seed=7)))
     after = comfy.run(rerun_plain(workflow("euler", seed=7), "blurry "))
     assert after.executed(SAMPLER_NODE) and not after.executed("1")  # the same loaded model sampled again
+    assert np.array_equal(before.pixels(), after.pixels())
+
+
+def with_lora(prompt: dict) -> dict:
+    """A LoRA on the cross-attention keys (the host's random one) between the checkpoint and the
+    rest: ComfyUI patches it into the UNet's weights when it loads the model."""
+    prompt["30"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora_name": "tiny-attn2k-lora.safetensors",
+        "strength_model": 1.0, "strength_clip": 1.0}}
+    for key, node in prompt.items():
+        for name, value in node["inputs"].items():
+            if key != "30" and isinstance(value, list) and value[0] == "1" and value[1] in (0, 1):
+                node["inputs"][name] = ["30", value[1]]
+    return prompt
+
+
+def test_a_lora_patched_model_anchors_and_is_given_back_as_it_was(comfy):
+    """ELA swaps the UNet's weights for copies during a run; with a LoRA patched into them, the
+    plain image after an anchored run must still be the one before it."""
+    before = comfy.run(with_lora(rerun_plain(workflow("euler", seed=5), "blurry")))
+    anchored = comfy.run(with_lora(workflow("euler", seed=5)))
+    assert_anchored(anchored)
+    assert not np.array_equal(anchored.pixels(), before.pixels())
+    after = comfy.run(with_lora(rerun_plain(workflow("euler", seed=5), "blurry ")))
+    assert after.executed(SAMPLER_NODE)
     assert np.array_equal(before.pixels(), after.pixels())
 
 
