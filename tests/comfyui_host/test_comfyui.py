@@ -182,6 +182,17 @@ def test_bad_input_gives_a_warning_and_the_plain_image(comfy, case, change, warn
     assert np.array_equal(result.pixels(), comfy.run(without_ela(prompt)).pixels()), case
 
 
+def test_a_nan_latent_gives_a_warning_and_the_plain_image(comfy):
+    """A non-finite value inside sampling (here the starting latent times NaN): the engine's
+    check stops anchoring at the first anchored step, the sampler goes on as without the node."""
+    prompt = workflow("euler")
+    prompt["40"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["4", 0], "multiplier": float("nan")}}
+    prompt[SAMPLER_NODE]["inputs"]["latent_image"] = ["40", 0]
+    result = comfy.run(prompt)
+    assert "anchoring stopped at step 1, image continues unanchored: AnchoringError: non-finite" in result.text()
+    assert np.array_equal(result.pixels(), comfy.run(without_ela(prompt)).pixels())
+
+
 def test_an_interrupt_leaves_nothing_behind(comfy):
     before = comfy.run(rerun_plain(workflow("euler", seed=11), "blurry"))
     long_run = workflow("euler", seed=11, steps=40, window_end=1.0, loss_threshold=0.0)
