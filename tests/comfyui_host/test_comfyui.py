@@ -121,7 +121,8 @@ def test_a_lora_patched_model_anchors_and_is_given_back_as_it_was(comfy):
 
 
 def with_sampler_node(prompt: dict, kind: str) -> dict:
-    """The workflow with KSamplerAdvanced or SamplerCustom in place of KSampler, same settings."""
+    """The workflow with KSamplerAdvanced, SamplerCustom or SamplerCustomAdvanced in place of
+    KSampler, same settings."""
     ksampler = prompt[SAMPLER_NODE]["inputs"]
     common = {"model": ksampler["model"], "positive": ksampler["positive"], "negative": ksampler["negative"],
               "latent_image": ksampler["latent_image"], "cfg": ksampler["cfg"]}
@@ -130,16 +131,25 @@ def with_sampler_node(prompt: dict, kind: str) -> dict:
             **common, "add_noise": "enable", "noise_seed": ksampler["seed"], "steps": ksampler["steps"],
             "sampler_name": ksampler["sampler_name"], "scheduler": ksampler["scheduler"], "start_at_step": 0,
             "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
-    else:
-        prompt["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": ksampler["sampler_name"]}}
-        prompt["21"] = {"class_type": "BasicScheduler", "inputs": {
-            "model": ksampler["model"], "scheduler": ksampler["scheduler"], "steps": ksampler["steps"], "denoise": 1.0}}
+        return prompt
+    prompt["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": ksampler["sampler_name"]}}
+    prompt["21"] = {"class_type": "BasicScheduler", "inputs": {
+        "model": ksampler["model"], "scheduler": ksampler["scheduler"], "steps": ksampler["steps"], "denoise": 1.0}}
+    if kind == "SamplerCustom":
         prompt[SAMPLER_NODE] = {"class_type": kind, "inputs": {
             **common, "add_noise": True, "noise_seed": ksampler["seed"], "sampler": ["20", 0], "sigmas": ["21", 0]}}
+        return prompt
+    prompt["22"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": ksampler["seed"]}}
+    prompt["23"] = {"class_type": "CFGGuider", "inputs": {
+        "model": ksampler["model"], "positive": ksampler["positive"], "negative": ksampler["negative"],
+        "cfg": ksampler["cfg"]}}
+    prompt[SAMPLER_NODE] = {"class_type": kind, "inputs": {
+        "noise": ["22", 0], "guider": ["23", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+        "latent_image": ksampler["latent_image"]}}
     return prompt
 
 
-@pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustom"])
+@pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"])
 def test_the_other_stock_samplers_anchor(comfy, kind):
     on = comfy.run(with_sampler_node(workflow("euler"), kind))
     off = comfy.run(with_sampler_node(workflow("euler", enabled=False), kind))
