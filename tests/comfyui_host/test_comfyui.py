@@ -192,6 +192,17 @@ def test_bad_input_gives_a_warning_and_the_plain_image(comfy, case, change, warn
     assert np.array_equal(result.pixels(), comfy.run(without_ela(prompt)).pixels()), case
 
 
+def test_a_combined_conditioning_gives_a_warning_and_the_plain_image(comfy):
+    prompt = workflow("euler")
+    prompt["41"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube", "clip": ["1", 1]}}
+    prompt["42"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0],
+                                                                    "conditioning_2": ["41", 0]}}
+    prompt[SAMPLER_NODE]["inputs"]["positive"] = ["42", 0]
+    result = comfy.run(prompt)
+    assert "the positive conditioning has 2 parts (combined or area conditioning)" in result.text()
+    assert np.array_equal(result.pixels(), comfy.run(without_ela(prompt)).pixels())
+
+
 def test_a_nan_latent_gives_a_warning_and_the_plain_image(comfy):
     """A non-finite value inside sampling (here the starting latent times NaN): the engine's
     check stops anchoring at the first anchored step, the sampler goes on as without the node."""
