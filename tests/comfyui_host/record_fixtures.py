@@ -3,7 +3,7 @@
 Run with the prepared ComfyUI's Python, from its checkout (the tokenizers' vocabularies ship with
 it, so nothing is downloaded):
 
-    cd $ELA_COMFY/ComfyUI && $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/record_fixtures.py \
+    cd $ELA_COMFY/ComfyUI && PYTHONPATH=. $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/record_fixtures.py \
         <checkout>/tests/fixtures/comfy_recorded.json
 
 It writes (1) ``CLIP.tokenize`` output of ComfyUI's SD 1.x, SD 2.x and SDXL tokenizers for each

@@ -7,7 +7,7 @@ context 2048, the pooled ``y`` of 2816, cross-attention only in the two lower le
 ``comfy.sample.sample`` samples under ``inference_mode`` as the server does. Run by
 ``test_comfyui.py::test_sdxl_layout_and_pooled_conditioning_anchor`` as
 
-    cd $ELA_COMFY/ComfyUI && $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/sdxl_in_comfy.py <checkout>
+    cd $ELA_COMFY/ComfyUI && PYTHONPATH=. $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/sdxl_in_comfy.py <checkout>
 
 and prints one JSON line: the layers chosen, the anchored run's report, whether the image changed,
 and whether the model's weights and a plain run afterwards are as before.
