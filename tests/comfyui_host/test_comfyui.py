@@ -21,7 +21,8 @@ from comfy_host import (CHECKPOINT, ELA_NODE, EMBEDDING_NAME, GRID_NODE, PACK_NA
 
 from ela_ext.config import API_FIELDS
 
-SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "heun", "ddim", "uni_pc"]
+SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "heun", "ddim", "uni_pc", "heunpp2", "dpm_2_ancestral",
+            "dpmpp_2s_ancestral"]
 PROMPT = "a black cat and a green frog"
 
 
