@@ -1,0 +1,220 @@
+"""Anchoring inside ComfyUI's own sampling: two wrappers on a cloned ModelPatcher.
+
+Why these two (``comfy/samplers.py``, ``comfy/patcher_extension.py``):
+
+- ``SAMPLER_SAMPLE`` wraps one sampler run. It sees the schedule (``sigmas``), the guider with
+  its processed conditionings and the sampler's function, so the run's checks happen there
+  once, and its ``finally`` ends the run whatever happens (an interrupt, an exception): the UNet's
+  weights are given back and the report is written. Nothing of a run outlives it.
+- ``PREDICT_NOISE`` wraps every model evaluation with the sampler's own ``x`` (KSampler,
+  KSamplerAdvanced and SamplerCustom all sample through ``CFGGuider``). On the first evaluation of
+  an anchored step (``steps.StepCounter``) the engine updates the conditional rows and the result
+  is written into ``x`` in place, so both this evaluation and the sampler's update continue from
+  it (as ``ela_webui.sampling`` does in the WebUI).
+
+The grad pass runs the positive conditioning through ``calc_cond_batch`` exactly as the sampler
+does (SDXL's pooled ``y`` included), stopped after the last captured layer. ComfyUI samples under
+``torch.inference_mode()``: its weights, latents and conditionings are inference tensors, which
+autograd refuses to save, so the pass runs under ``inference_mode(False)`` on clones of the latent
+and sigma, with the UNet's inference Parameters swapped for normal clones for the run
+(``NormalWeights``) and with ComfyUI's attention forced to PyTorch's (backward-capable on every
+device) through ``optimized_attention_override``.
+
+ComfyUI's k-diffusion samplers hold ``x`` with ``z_t = x / sqrt(sigma^2 + 1)`` for every eps and
+v-prediction model (``model_sampling.calculate_input``), so the engine's ``SamplerSpace.from_sigma``
+is the space; a model whose sampling is anything else (flow, x0) is left unanchored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+from comfy.ldm.modules.attention import attention_pytorch
+
+from ela_ext.anchoring import SamplerSpace, in_window
+from ela_ext.config import ElaConfig
+from ela_ext.session import AnchoringSession
+from ela_ext.tokens import EntityColumns
+
+from .report import RunReport
+from .steps import StepCounter
+
+WRAPPER_KEY = "ela_anchoring"
+WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE)
+logger = logging.getLogger("ela")
+
+
+class NormalWeights:
+    """The module's inference-tensor Parameters and buffers replaced by normal clones (same
+    values, ``requires_grad=False``) until ``restore``, which puts the originals back."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._originals: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+
+    def swap_in(self) -> None:
+        with torch.inference_mode(False):
+            for owner in self.module.modules():
+                for name, parameter in list(owner._parameters.items()):
+                    if parameter is not None and parameter.is_inference():
+                        self._originals.append((owner, name, True, parameter))
+                        owner._parameters[name] = nn.Parameter(parameter.clone(), requires_grad=False)
+                for name, buffer in list(owner._buffers.items()):
+                    if buffer is not None and buffer.is_inference():
+                        self._originals.append((owner, name, False, buffer))
+                        owner._buffers[name] = buffer.clone()
+
+    def restore(self) -> None:
+        while self._originals:
+            owner, name, is_parameter, original = self._originals.pop()
+            (owner._parameters if is_parameter else owner._buffers)[name] = original
+
+
+def backward_capable(model_options: dict) -> dict:
+    """A copy of the evaluation's options whose attention is PyTorch's own (see module doc)."""
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+        lambda _function, *args, **kwargs: attention_pytorch(*args, **kwargs)
+    return options
+
+
+def unanchorable_run(guider: Any, prompt_cond: torch.Tensor, extra_args: dict) -> Optional[str]:
+    """Why this sampler run cannot be anchored as the node was told, or None."""
+    sampling = guider.inner_model.model_sampling
+    if type(sampling).calculate_input is not comfy.model_sampling.EPS.calculate_input \
+            or float(getattr(sampling, "sigma_data", 1.0)) != 1.0:
+        return f"this model's sampling ({type(sampling).__name__}) is not eps or v-prediction"
+    if extra_args.get("denoise_mask") is not None:
+        return "a noise mask (inpainting) is set: the sampler's latent is mixed before each evaluation"
+    positive = getattr(guider, "conds", {}).get("positive")
+    if not positive:
+        return "the sampler has no positive conditioning"
+    if len(positive) != 1:
+        return f"the positive conditioning has {len(positive)} parts (combined or area conditioning)"
+    cond = positive[0]
+    if cond.get("area") is not None or cond.get("mask") is not None:
+        return "the positive conditioning has an area or a mask"
+    cross_attn = cond.get("cross_attn")
+    if cross_attn is None or cross_attn.shape != prompt_cond.shape or not torch.allclose(
+            cross_attn.float(), prompt_cond.to(cross_attn.device).float(), rtol=1e-3, atol=1e-4):
+        return "the sampler's positive conditioning is not this node's prompt (connect the same text and CLIP)"
+    return None
+
+
+class AnchoredRun:
+    """One sampler run of a patched model: its step counter, its session, its weights."""
+
+    def __init__(self, patch: "AnchoringPatch", guider: Any, sigmas: torch.Tensor, extra_args: dict,
+                 sampler: Any, batch: int):
+        self.report = patch.report
+        function = getattr(sampler, "sampler_function", None)
+        eta = float(getattr(sampler, "extra_options", {}).get("eta", 1.0))
+        self.counter = StepCounter(getattr(function, "__name__", ""), sigmas.tolist(), eta)
+        self.warnings: list[str] = []
+        self.session: Optional[AnchoringSession] = None
+        self.weights = NormalWeights(guider.inner_model.diffusion_model)
+        problem = unanchorable_run(guider, patch.prompt_cond, extra_args)
+        if problem:
+            self.warn(f"{problem}: image left unanchored")
+        else:
+            self.positive = guider.conds["positive"]
+            self.session = AnchoringSession(guider.inner_model.diffusion_model, patch.config,
+                                            [patch.columns] * batch)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning("ELA: %s", message)
+
+    def evaluation(self, guider: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
+        """Anchor ``x`` in place if this evaluation starts a step inside the window."""
+        step = self.counter.first_evaluation(float(timestep[0]))
+        session = self.session
+        if step is None or session is None or session.failed \
+                or not in_window(step, self.counter.total_steps, session.config):
+            return
+        with torch.inference_mode(False):
+            self.weights.swap_in()
+            latent, sigma = x.clone(), timestep.clone()
+            options = backward_capable(model_options)
+
+            def conditional_branch(rows: torch.Tensor) -> Any:
+                return comfy.samplers.calc_cond_batch(guider.inner_model, [self.positive], rows, sigma, options)
+
+            updated = session.maybe_anchor(latent, SamplerSpace.from_sigma(float(sigma[0])), step,
+                                           self.counter.total_steps, conditional_branch)
+        if updated is not latent:
+            x.copy_(updated.to(x.dtype))
+
+    def stop(self, error: Exception) -> None:
+        """An error in this glue (the engine catches its own): no more anchoring in this run."""
+        logger.exception("ELA: anchoring failed")
+        self.warn(f"anchoring stopped: {type(error).__name__}: {error}")
+        if self.session is not None:
+            self.session.failed = True  # the steps already anchored keep their effect and log
+
+    def close(self, interrupted: Optional[BaseException]) -> None:
+        """Give the weights back and write the report (also after an interrupt or an error)."""
+        self.weights.restore()
+        if interrupted is not None:
+            self.warn(f"sampling stopped ({type(interrupted).__name__}) before the run ended")
+        session = self.session
+        warnings = self.warnings + (session.warnings_for(0) if session else [])
+        summary = session.infotext_summary() if session else "steps=0"
+        self.report.record_run(summary, session.log_lines() if session else [], warnings,
+                               session.mask_grid(0) if session else None)
+
+
+class AnchoringPatch:
+    """The node's settings and columns, and the two wrappers that use them (see module doc)."""
+
+    def __init__(self, config: ElaConfig, columns: EntityColumns, prompt_cond: torch.Tensor, report: RunReport):
+        self.config = config
+        self.columns = columns
+        self.prompt_cond = prompt_cond
+        self.report = report
+        self.run: Optional[AnchoredRun] = None
+
+    def apply(self, model: Any) -> Any:
+        """A clone of ``model`` with this patch's wrappers (an earlier ELA node's replaced)."""
+        patched = model.clone()
+        for wrapper_type, wrapper in zip(WRAPPER_TYPES, (self.sampler_sample, self.predict_noise)):
+            patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+            patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+        return patched
+
+    def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):
+        try:
+            run: Optional[AnchoredRun] = AnchoredRun(self, guider, sigmas, extra_args, executor.class_obj,
+                                                     noise.shape[0])
+        except Exception as error:  # noqa: BLE001 - our failure must not fail the sampling
+            logger.exception("ELA: could not start anchoring")
+            self.report.record_run("steps=0", [], [f"anchoring not started: {type(error).__name__}: {error}"], None)
+            run = None
+        self.run = run
+        stopped: Optional[BaseException] = None
+        try:
+            return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
+        except BaseException as error:
+            stopped = error
+            raise
+        finally:
+            self.run = None
+            if run is not None:
+                run.close(stopped)
+
+    def predict_noise(self, executor, x, timestep, model_options, seed):
+        if self.run is not None:
+            try:
+                self.run.evaluation(executor.class_obj, x, timestep, model_options)
+            except Exception as error:  # noqa: BLE001 - our failure must not fail the sampling
+                self.run.stop(error)
+        return executor(x, timestep, model_options, seed)
