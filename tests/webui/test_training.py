@@ -13,7 +13,8 @@ import pytest
 from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
                              test_a_taken_lora_name_is_refused_unless_overwrite,
                              test_training_bad_input_answers_with_the_reason,
-                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged,
+                             test_training_with_the_preservation_term)
 from webui_host import CHECKPOINTS, WebUI, checkout_in_extensions, use_model
 
 
