@@ -1,24 +1,30 @@
 """The effect benchmark: paired counting by hand, and an end-to-end run on the bundled model."""
 
+import hashlib
 import io
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ela_ext.config import ElaConfig
+from ela_ext.lora_file import save_lora
 
-from benchmark.effect import (DEFAULT_WEIGHTS, SettingResult, main, paired, parse_seeds, print_markdown, run_setting,
-                              summary, worker_pool)
+from benchmark.effect import (DEFAULT_WEIGHTS, Lora, SettingResult, main, paired, parse_seeds, print_markdown,
+                              print_table, run_key, run_setting, sampling_backend, summary, worker_pool)
 from benchmark.kept import main as kept_main, right_off
 from benchmark.model import load_model
 from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+from benchmark.scenes import PALETTE, render
 
 
 def test_paired_counts_and_rates_by_hand():
     off = SettingResult("off", [[OK, OK], [OK, MISSING], [MERGED, MERGED], [OK, WRONG_COLOUR]], seconds=2.0)
     ela = SettingResult("ela", [[OK, MISSING], [OK, OK], [OK, OK], [OK, WRONG_COLOUR]], seconds=5.0)
     assert paired(off, ela) == (2, 1)
-    rows = summary([off, ela])
+    rows = summary([off, ela], ["p0", "p1"])  # no images kept: no cleanliness
     assert rows[0]["both_correct"] == 0.25 and rows[0][MERGED] == 0.25 and rows[0][MISSING] == 0.25
     assert rows[1]["both_correct"] == 0.5 and rows[1]["time_vs_off"] == 2.5
     assert rows[0]["apart"] == 0.5 and rows[1]["apart"] == 0.75  # no object missing or merged
@@ -26,7 +32,7 @@ def test_paired_counts_and_rates_by_hand():
     assert rows[1]["kept"] == 0.0  # the one image right off is broken
     table = io.StringIO()
     print_markdown(rows, table)
-    assert "| ela | 50.0% | 0.0% | 25.0% | 0.0% | 25.0% | 0.0% | - / - px | - | 2.50x | 2 / 1 |" in table.getvalue()
+    assert "| ela | 50.0% | 0.0% | 25.0% | 0.0% | 25.0% | 0.0% | - | - / - px | - | 2.50x | 2 / 1 |" in table.getvalue()
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9] and parse_seeds("7:9") == [7, 8]
 
 
@@ -48,6 +54,19 @@ def test_end_to_end_on_two_prompts_and_two_seeds(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_single_object_prompts_are_sampled_plain_and_kept_out_of_the_pooled_table(capsys):
+    main(["--families", "held_out,seen,single", "--prompts-per-family", "1", "--seeds", "2", "--steps", "4",
+          "--settings", "off,default,random", "--json"])
+    tables = json.loads(capsys.readouterr().out)["tables"]
+    assert set(tables) == {"held_out", "seen", "single", "all"}
+    assert all(row["images"] == 4 for row in tables["all"])  # two-object families only
+    off, default, control = tables["single"]
+    assert default["pixel_change"] == 0.0 and control["pixel_change"] == 0.0  # the off images exactly
+    assert default["both_correct"] == off["both_correct"] and default["images"] == 2
+    assert tables["held_out"][1]["pixel_change"] > 0  # the two-object prompt is anchored
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
 def test_worker_processes_give_the_same_results_in_prompt_order():
     prompts = ["a red circle and a blue square", "a star and a triangle", "a green cross and a white star"]
     model = load_model(DEFAULT_WEIGHTS)
@@ -57,6 +76,71 @@ def test_worker_processes_give_the_same_results_in_prompt_order():
             there = run_setting(None, prompts, [0, 1], setting, ElaConfig(), 6, 5.0, pool)
             assert there.statuses == here.statuses and len(there.statuses) == 6
             assert there.seconds > 0
+
+
+def test_clean_column_judges_the_kept_images_again_prompt_by_prompt():
+    clean, truth = render([("square", "blue", (2, 2, 14, 14)), ("circle", "red", (18, 16, 30, 28))])
+    mixed = clean.copy()
+    mixed[truth[0].mask & (np.arange(32) >= 10)[None, :]] = PALETTE["white"]  # a third of the square white
+    alone = render([("circle", "red", (18, 16, 30, 28))])[0]
+    # two prompts x two seeds, prompt-major: the second prompt asks for the circle only
+    prompts = ["a blue square and a red circle", "a red circle"]
+    result = SettingResult("x", [[OK, OK], [OK, OK], [OK], [OK]], images=[clean, mixed, alone, alone])
+    assert summary([result], prompts)[0]["clean"] == 5 / 6  # of the 6 found objects, the mixed square is dirty
+    missing = SettingResult("x", [[MISSING, OK], [OK]], images=[alone, clean])
+    assert summary([missing], prompts)[0]["clean"] == 1.0  # a missing object is not scored
+    table = io.StringIO()
+    print_table(summary([result], prompts), table)
+    assert "83.3%" in table.getvalue().splitlines()[1]
+
+
+def test_run_key_without_a_lora_is_the_key_cached_runs_were_stored_under(tmp_path):
+    weights = Path("weights/model.safetensors")
+    config = ElaConfig(objective="ela_enhance")
+    assert run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights) == (
+        ["a circle and a square"], [0, 1], "off", "", 20, 5.0, "weights/model.safetensors")
+    lora = tmp_path / "a.safetensors"
+    lora.write_bytes(b"one")
+    keyed = run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights, Lora(lora, 0.5))
+    assert keyed[:7] == run_key(["a circle and a square"], [0, 1], "off", config, 20, 5.0, weights)
+    assert keyed[7] == (hashlib.sha256(b"one").hexdigest(), 0.5)
+
+
+def _tiny_lora(path: Path) -> Path:
+    """A rank-2 LoRA on every cross-attention key projection of the bundled model, as a kohya file."""
+    generator = torch.Generator().manual_seed(0)
+    unet = load_model(DEFAULT_WEIGHTS)[0]
+    deltas = {name: (torch.randn(2, module.in_features, generator=generator) * 0.3,
+                     torch.randn(module.out_features, 2, generator=generator) * 0.3, 2.0)
+              for name, module in unet.named_modules() if name.endswith("attn2.to_k")}
+    return save_lora(path, deltas, "sd1")
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_a_lora_file_applies_to_every_setting_at_its_strength(tmp_path, capsys):
+    path = _tiny_lora(tmp_path / "tiny.safetensors")
+    prompts, seeds = ["a red circle and a blue square"], [0, 1]
+
+    def images(setting, lora, workers=1):
+        with sampling_backend(DEFAULT_WEIGHTS, workers, lora) as (model, pool):
+            return run_setting(model, prompts, seeds, setting, ElaConfig(), 6, 5.0, pool).images
+
+    plain = images("off", None)
+    assert all(np.array_equal(a, b) for a, b in zip(images("off", Lora(path, 0.0)), plain))
+    merged = images("off", Lora(path, 1.0))
+    assert not any(np.array_equal(a, b) for a, b in zip(merged, plain))
+    assert all(np.array_equal(a, b) for a, b in zip(images("off", Lora(path, 1.0), workers=2), merged))
+    anchored = images("ela_enhance", Lora(path, 1.0))
+    assert not any(np.array_equal(a, b) for a, b in zip(anchored, images("ela_enhance", None)))
+
+    argv = ["--families", "held_out", "--prompts-per-family", "1", "--seeds", "1", "--steps", "4", "--settings",
+            "off", "--json", "--cache", str(tmp_path / "cache"), "--lora", str(path)]
+    strengths = []
+    for run in (argv, argv + ["--lora-strength", "0.5"], argv[:-2]):
+        main(run)
+        strengths.append(json.loads(capsys.readouterr().out).get("lora", {}).get("strength"))
+    assert strengths == [1.0, 0.5, None]
+    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 3  # a key per strength, and one without
 
 
 def test_sweep_grid_is_typed_like_the_config():

@@ -9,9 +9,10 @@ from ela_ext.config import ElaConfig
 
 from benchmark.effect import DEFAULT_WEIGHTS
 from benchmark.families import FAMILIES, family_prompts
-from benchmark.metrics import (centroid, centroid_shifts, kept_rate, localisation_iou, mask_iou, pixel_change,
-                               upsample_mask)
-from benchmark.scenes import is_held_out, parse_prompt, render
+from benchmark.evaluate import COLOURS, OK, evaluate, pixel_labels
+from benchmark.metrics import (centroid, centroid_shifts, clean_objects, colour_purity, interior, kept_rate,
+                               localisation_iou, mask_iou, pixel_change, upsample_mask)
+from benchmark.scenes import PALETTE, is_held_out, parse_prompt, render, training_scene
 
 
 def test_kept_counts_only_images_right_without_anchoring():
@@ -56,6 +57,44 @@ def test_localisation_iou_on_a_rendered_scene_with_known_objects():
     assert image.shape == (32, 32, 3)
 
 
+def test_interior_and_colour_purity_on_hand_made_masks():
+    block = np.zeros((6, 6), bool)
+    block[1:5, 1:5] = True
+    assert interior(block).sum() == 4 and interior(block)[2:4, 2:4].all()
+    assert interior(np.ones((3, 3), bool)).tolist() == [[False] * 3, [False, True, False], [False] * 3]
+    labels = np.full((6, 6), -1)
+    labels[1:5, 1:3], labels[1:5, 3:5] = 0, 1  # left half colour 0, right half colour 1
+    assert colour_purity(labels, block, "blue") == 0.5  # COLOURS[0]: of the interior, one column
+    assert colour_purity(labels, block, None) == 0.0  # an object without a colour of its own
+    line = np.zeros((6, 6), bool)
+    line[1:5, 2:4] = True  # two pixels wide: no interior
+    assert colour_purity(labels, line, "blue") is None
+
+
+def test_renders_are_clean_and_edges_do_not_count():
+    flags, edge_purities = [], []
+    for seed in range(60):
+        scene = training_scene(seed)
+        report = evaluate(scene.image, [(obj.shape, obj.colour) for obj in scene.objects])
+        flags += clean_objects(scene.image, report)
+        _, labels = pixel_labels(scene.image)
+        edge_purities += [float(np.mean(labels[c.mask] == COLOURS.index(c.colour))) for c in report.components]
+    assert len(flags) > 60 and all(flag is True for flag in flags)
+    assert min(edge_purities) < 0.9  # the whole mask, edges included, would call renders dirty
+
+
+def test_an_object_in_two_colours_is_dirty_though_the_evaluator_calls_it_right():
+    objects = [("square", "blue"), ("circle", "red")]
+    image, truth = render([("square", "blue", (2, 2, 14, 14)), ("circle", "red", (18, 16, 30, 28))])
+    assert clean_objects(image, evaluate(image, objects)) == [True, True]
+    mixed = image.copy()
+    mixed[truth[0].mask & (np.arange(32) >= 10)[None, :]] = PALETTE["white"]  # its right third white
+    report = evaluate(mixed, objects)
+    assert report.status == [OK, OK]
+    assert clean_objects(mixed, report) == [False, True]
+    assert clean_objects(mixed, evaluate(mixed, [("square", "blue"), ("triangle", "green")]))[1] is None
+
+
 def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_ones():
     for family in FAMILIES:
         reported, development = family_prompts(family, 0, 48), family_prompts(family, 1, 12)
@@ -66,6 +105,12 @@ def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_o
     assert all(len(objects) == 2 for objects in seen)
     assert not any(is_held_out([(s, c) for s, c in objects]) for objects in seen)
     assert all(is_held_out([(s, c) for s, c in parse_prompt(p)]) for p in family_prompts("held_out", 0))
+    single = family_prompts("single", 0)
+    assert len(set(single)) == 16 and all(len(parse_prompt(p)) == 1 and parse_prompt(p)[0][1] for p in single)
+    for seed in (1, 4):
+        development = family_prompts("single", seed, 6)
+        assert len(set(development)) == 6 and not set(development) & set(single)
+    assert FAMILIES == ("held_out", "seen", "three")  # the default of every tool that anchors
     with pytest.raises(ValueError, match="unknown prompt family"):
         family_prompts("four", 0)
 
