@@ -33,7 +33,8 @@ def _lines(text: str) -> list[str]:
 
 def run_training(_task_id, name, prompts, entities, steps, learning_rate, objective, projections, rank, layers,
                  batch_size, seed, width, height, overwrite):
-    """The tab's Train button: a message with the result, or the reason it did not train."""
+    """The tab's Train button: a message with the result, or the reason it did not train (the
+    second output is where ``wrap_gradio_gpu_call`` puts the time taken, or an exception)."""
     job = training.TrainingJob(name=name, prompts=_lines(prompts), entities=_lines(entities), steps=int(steps),
                                learning_rate=float(learning_rate), objective=objective,
                                projections=list(projections), rank=int(rank),
@@ -42,11 +43,11 @@ def run_training(_task_id, name, prompts, entities, steps, learning_rate, object
     try:
         result = training.train(job)
     except training.TrainingRefused as error:
-        return [f"<p class='ela-train-refused'>Not trained: {html.escape(str(error))}</p>"]
+        return [f"<p class='ela-train-refused'>Not trained: {html.escape(str(error))}</p>", ""]
     lora = html.escape(result["lora"])
     return [f"<p>Saved <b>{lora}</b> ({result['steps']} steps, loss {result['loss_first']:.4f} -> "
             f"{result['loss_last']:.4f}, {result['seconds']:.1f} s). Add <code>&lt;lora:{lora}:1&gt;</code> "
-            "to a prompt.</p>"]
+            "to a prompt.</p>", ""]
 
 
 def tab():
@@ -84,10 +85,11 @@ def tab():
             with gr.Column():
                 gr.HTML(elem_id="ela_train_progress")
                 result = gr.HTML(elem_id="ela_train_result")
+                outcome = gr.HTML(elem_id="ela_train_outcome")
         task_id = gr.Textbox(visible=False)
-        train_button.click(fn=wrap_gradio_gpu_call(run_training, extra_outputs=[]), _js="ela_start_training",
+        train_button.click(fn=wrap_gradio_gpu_call(run_training, extra_outputs=[gr.update()]), _js="ela_start_training",
                            inputs=[task_id, name, prompts, entities, steps, learning_rate, objective, projections, rank,
                                    layers, batch_size, seed, width, height, overwrite],
-                           outputs=[result])
+                           outputs=[result, outcome])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
     return [(blocks, TAB_TITLE, "ela_training")]

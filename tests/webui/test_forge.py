@@ -20,7 +20,8 @@ import pytest
 from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
                              test_a_taken_lora_name_is_refused_unless_overwrite,
                              test_training_bad_input_answers_with_the_reason,
-                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged,
+                             test_training_with_the_preservation_term)
 from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port, absent_image_or_skip,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor, assert_no_failure,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,

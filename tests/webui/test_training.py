@@ -13,7 +13,8 @@ import pytest
 from training_checks import (assert_trained_lora_loads, test_a_failing_training_run_answers_with_the_reason,  # noqa: F401
                              test_a_taken_lora_name_is_refused_unless_overwrite,
                              test_training_bad_input_answers_with_the_reason,
-                             test_training_interrupt_leaves_no_file_and_the_model_unchanged)
+                             test_training_interrupt_leaves_no_file_and_the_model_unchanged,
+                             test_training_with_the_preservation_term)
 from webui_host import CHECKPOINTS, WebUI, checkout_in_extensions, use_model
 
 
@@ -37,10 +38,28 @@ def training_host(trainer):
     return use_model(trainer, "sd1")
 
 
-def test_the_training_tab_exists(trainer):
+def click_train(server: WebUI, name: str, prompts: str) -> list[str]:
+    """What the tab's Train button returns (its two HTML outputs), called through Gradio's HTTP
+    API as the page's click does: the WebUI's ``wrap_gradio_gpu_call`` around ``run_training``."""
+    config = server.get("/config")
+    element_ids = {component["id"]: component.get("props", {}).get("elem_id") for component in config["components"]}
+    (fn_index,) = [index for index, dependency in enumerate(config["dependencies"])
+                   if any(element_ids.get(target) == "ela_train_button" for target in dependency["targets"])]
+    fields = ["task(ela-test)", name, prompts, "", 2, 0.05, "separate_enhance", ["to_k"], 4, "all", 2, 0, 128, 128, False]
+    return server.post("/run/predict", {"fn_index": fn_index, "data": fields, "session_hash": "ela-test"})["data"]
+
+
+def test_the_training_tab_trains_and_refuses_with_the_reason(trainer, lora_dir):
     element_ids = {component.get("props", {}).get("elem_id") for component in trainer.get("/config")["components"]}
     assert {"tab_ela_training", "ela_train_prompts", "ela_train_button", "ela_train_interrupt",
             "ela_train_progress"} <= element_ids
+    use_model(trainer, "sd1")
+    message, timing = click_train(trainer, "from-the-tab", "a black cat and a green frog\na red bag and a blue car")
+    assert "Saved <b>from-the-tab</b> (2 steps" in message and "Time taken" in timing
+    assert (lora_dir / "from-the-tab.safetensors").is_file()
+    message, _ = click_train(trainer, "refused-in-the-tab", "a cat")
+    assert "Not trained: prompt 1 (&#x27;a cat&#x27;): ELA needs at least two entities" in message
+    assert not (lora_dir / "refused-in-the-tab.safetensors").exists()
 
 
 @pytest.mark.parametrize("model", list(CHECKPOINTS))

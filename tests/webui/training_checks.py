@@ -52,6 +52,8 @@ def assert_trained_lora_loads(server: WebUI, lora_dir: Path, name: str, model: s
     assert result["lora"] == name and result["steps"] == FAST["steps"]
     assert result["seconds"] > 0 and 0 < result["loss_first"] < 10 and 0 < result["loss_last"] < 10
     assert hook_counts(server) == hooks_before
+    # Listed at once (the Lora extension re-read its folder), before any prompt names it.
+    assert name in [lora["name"] for lora in server.get("/sdapi/v1/loras")]
     assert server.txt2img(**payload)["images"][0] == before
 
     path = lora_dir / f"{name}.safetensors"
@@ -118,6 +120,7 @@ BAD_REQUESTS = [
     ({"projections": ["to_out"]}, 422, "projections ('to_out',) must be some of"),
     ({"name": "../outside"}, 422, "no folders"),
     ({"width": 100}, 422, "multiples of 8"),
+    ({"preservation": 0.5}, 422, "needs preservation prompts"),
 ]
 FAULTS = [("nan", 422, "non-finite training loss"), ("oom", 422, "out of memory")]
 
@@ -136,6 +139,17 @@ def assert_refused(server: WebUI, lora_dir: Path, body: dict, status: int, reaso
     assert lora_files(lora_dir) == files_before
     assert hook_counts(server) == hooks_before
     assert server.txt2img(**payload)["images"][0] == before
+
+
+def test_training_with_the_preservation_term(training_host: WebUI, lora_dir: Path) -> None:
+    """S&E's preservation term runs the whole UNet twice per step (tuned and untuned) on the
+    single-concept prompts: trains, writes the file, and the model gives the image it gave before."""
+    payload = txt2img_payload(**SIZE)
+    before = training_host.txt2img(**payload)["images"][0]
+    result = training_host.post("/ela/v1/train", train_body("preserved", steps=2, preservation=0.5,
+                                                           preservation_prompts=["a cat", "a green frog"]))
+    assert result["steps"] == 2 and (lora_dir / "preserved.safetensors").is_file()
+    assert training_host.txt2img(**payload)["images"][0] == before
 
 
 @pytest.mark.parametrize("changes, status, reason", BAD_REQUESTS)
