@@ -121,6 +121,9 @@ BAD_REQUESTS = [
     ({"name": "../outside"}, 422, "no folders"),
     ({"width": 100}, 422, "multiples of 8"),
     ({"preservation": 0.5}, 422, "needs preservation prompts"),
+    ({"preservation": 0.5, "preservation_prompts": ["a cat " * 80]}, 422, "preservation prompt 1"),
+    ({"prompts": ["a cat and a frog" + ", on a sunny day" * 20], "entities": ["cat | frog"]}, 422,
+     "longer than 75 tokens"),
 ]
 FAULTS = [("nan", 422, "non-finite training loss"), ("oom", 422, "out of memory")]
 
