@@ -109,7 +109,9 @@ def lora_path(job: TrainingJob) -> Path:
     if not NAME_PATTERN.match(name) or name.endswith("."):
         raise TrainingRefused(422, f"name {job.name!r}: use letters, digits, space, '_', '-', '+', '.' "
                                    "(at most 100, no folders)")
-    path = lora_folder() / f"{name}.safetensors"
+    folder = lora_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
     if path.exists() and not job.overwrite:
         raise TrainingRefused(409, f"{path.name} exists in {path.parent}; choose another name or set overwrite")
     return path
