@@ -18,7 +18,17 @@ import sys
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-if importlib.util.find_spec("comfy") is not None:
+def _in_comfyui() -> bool:
+    """ComfyUI's own ``comfy`` package is importable. Not just any ``comfy``: pytest puts the
+    checkout's parent folder on ``sys.path``, where a folder named ``comfy`` (a ComfyUI install
+    beside the checkout) is a namespace package without ComfyUI's modules."""
+    try:
+        return importlib.util.find_spec("comfy.model_patcher") is not None
+    except ImportError:
+        return False
+
+
+if _in_comfyui():
     _ROOT = os.path.dirname(os.path.abspath(__file__))
     if _ROOT not in sys.path:
         sys.path.append(_ROOT)

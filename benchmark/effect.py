@@ -5,7 +5,7 @@ each objective, and with a random-direction control, judged by the exact evaluat
                                [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
                                [--settings off,default,random,ela,attend_excite,...]
                                [--json] [--workers 2] [--cache runs/effect]
-                               [--lora FILE [--lora-strength 1.0]]
+                               [--lora FILE [--lora-strength 1.0] [--plain-off]]
                                [engine settings, e.g. --lambda 0.3]
 
 Settings: ``off``; ``default`` (the engine's config, with any overrides given); ``random`` (that
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora", type=Path, default=None, help="a LoRA file (kohya format) merged into the "
                         "model for every setting, off included")
     parser.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's multiplier (<lora:name:S>)")
+    parser.add_argument("--plain-off", action="store_true", help="with --lora: add the model without it, "
+                        "anchoring off, as the row every LoRA row (named 'lora SETTING') is paired with")
     for flag, name, kind in OVERRIDES:
         parser.add_argument(flag, dest=name, type=kind, default=None, help=f"ElaConfig.{name}")
     return parser
@@ -401,12 +403,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sets = prompt_sets(args)
     lora = Lora(args.lora, args.lora_strength) if args.lora is not None else None
     results: dict[str, dict[str, SettingResult]] = {family: {} for family in sets}
+    if args.plain_off and lora is not None:
+        # the model without the LoRA, anchoring off: every LoRA row below is paired with it
+        with sampling_backend(args.weights, args.workers) as (model, pool):
+            for family, prompts in sets.items():
+                key = run_key(prompts, seeds, "off", config, args.steps, args.guidance, args.weights)
+                results[family]["off"] = cached_run_setting(args.cache, key, lambda: run_setting(
+                    model, prompts, seeds, "off", config, args.steps, args.guidance, pool))
     with sampling_backend(args.weights, args.workers, lora) as (model, pool):
         for setting in settings:  # setting-major: a stopped run has whole settings over every family
             for family, prompts in sets.items():
                 key = run_key(prompts, seeds, setting, config, args.steps, args.guidance, args.weights, lora)
-                results[family][setting] = cached_run_setting(args.cache, key, lambda: run_setting(
+                result = cached_run_setting(args.cache, key, lambda: run_setting(
                     model, prompts, seeds, setting, config, args.steps, args.guidance, pool))
+                if args.plain_off and lora is not None:
+                    result.name = f"lora {setting}"
+                results[family][result.name] = result
+    settings = list(results[next(iter(sets))])
     tables = {family: summary(list(by_setting.values()), sets[family]) for family, by_setting in results.items()}
     multi = [family for family in sets if family != SINGLE]  # "both correct" means the same in each
     pooled = {setting: SettingResult(setting) for setting in settings}

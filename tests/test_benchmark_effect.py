@@ -166,3 +166,17 @@ def test_kept_runs_each_setting_on_the_right_off_images_only(capsys, tmp_path):
     rows = [line.split() for line in lines[1:]]
     assert [(row[0], row[1]) for row in rows] == [("max_iterations=1", "default"), ("max_iterations=1", "random")]
     assert all(0 <= int(row[3]) <= right and int(row[5]) == right for row in rows)
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+def test_plain_off_pairs_the_lora_rows_with_the_model_without_it(tmp_path, capsys):
+    path = _tiny_lora(tmp_path / "tiny.safetensors")
+    argv = ["--families", "held_out", "--prompts-per-family", "1", "--seeds", "2", "--steps", "4", "--settings",
+            "off", "--json", "--cache", str(tmp_path / "cache"), "--lora", str(path), "--plain-off"]
+    main(argv + ["--lora-strength", "0"])
+    rows = json.loads(capsys.readouterr().out)["tables"]["held_out"]
+    assert [row["setting"] for row in rows] == ["off", "lora off"]
+    assert (rows[1]["fixed"], rows[1]["broken"], rows[1]["pixel_change"]) == (0, 0, 0.0)  # strength 0: the same images
+    main(argv)
+    rows = json.loads(capsys.readouterr().out)["tables"]["held_out"]
+    assert rows[1]["setting"] == "lora off" and rows[1]["pixel_change"] > 0
