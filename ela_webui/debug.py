@@ -95,9 +95,10 @@ def step_logs() -> list[dict]:
 
 
 def hook_counts(unet: torch.nn.Module) -> dict[str, int]:
-    """Forward/backward (pre-)hooks on every attention module of the UNet and on its ``to_k``
+    """Forward/backward (pre-)hooks on every attention module of the UNet and on its projections
     (where training hooks its changes), by attention module name."""
-    return {name: sum(len(getattr(owner, attr)) for owner in (module, module.to_k) for attr in
+    return {name: sum(len(getattr(owner, attr)) for owner in (module, module.to_q, module.to_k, module.to_v)
+                      for attr in
                       ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
             for name, module in unet.named_modules() if hasattr(module, "to_q") and hasattr(module, "to_k")}
 

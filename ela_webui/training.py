@@ -33,7 +33,8 @@ from ela_ext.entities import EntitySpecError, format_spec
 from ela_ext.finetune import FinetuneConfig, FinetuneError, TrainingCancelled, TrainingPrompt, train_key_projections
 from ela_ext.lora_file import LoraFileError, save_lora
 from ela_webui import debug
-from ela_webui.prompts import PromptSyntaxError, entity_phrases, resolve, strip_extra_networks
+from ela_webui.prompts import (PromptSyntaxError, entity_phrases, host_parser, resolve, strip_extra_networks,
+                               text_encoder)
 from ela_webui.sampling import diffusion_model, encoders_disagree, is_forge
 
 # A file name the Lora folder and ``<lora:name:1>`` both take: no folders, no prompt syntax.
@@ -108,7 +109,9 @@ def lora_path(job: TrainingJob) -> Path:
     if not NAME_PATTERN.match(name) or name.endswith("."):
         raise TrainingRefused(422, f"name {job.name!r}: use letters, digits, space, '_', '-', '+', '.' "
                                    "(at most 100, no folders)")
-    path = lora_folder() / f"{name}.safetensors"
+    folder = lora_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
     if path.exists() and not job.overwrite:
         raise TrainingRefused(409, f"{path.name} exists in {path.parent}; choose another name or set overwrite")
     return path
@@ -141,6 +144,22 @@ def training_prompts(job: TrainingJob, sd_model) -> tuple[list[TrainingPrompt], 
         prompts.append(TrainingPrompt(text, resolved.columns))
         used_specs.append(format_spec(phrases))
     return prompts, used_specs
+
+
+def preservation_texts(job: TrainingJob) -> list[str]:
+    """The preservation prompts as conditioned (extra-network tags removed); 422 for one longer
+    than one 75-token chunk, for the reason ``training_prompts`` gives."""
+    texts = [strip_extra_networks(prompt).strip() for prompt in job.preservation_prompts]
+    encoder = text_encoder()
+    for number, text in enumerate(texts, start=1):
+        try:
+            with host_parser():
+                chunks = encoder.tokenize_line(text)[0]
+        except PromptSyntaxError as error:
+            raise TrainingRefused(422, f"preservation prompt {number} ({text!r}): {error}") from None
+        if len(chunks) > 1:
+            raise TrainingRefused(422, f"preservation prompt {number} ({text!r}): longer than 75 tokens")
+    return texts
 
 
 def _stack(conditionings: list) -> Any:
@@ -236,6 +255,7 @@ def train(job: TrainingJob) -> dict:
     config = job.config()
     path = lora_path(job)
     prompts, specs = training_prompts(job, sd_model)
+    preservation_prompts = preservation_texts(job)
     family = model_family(sd_model)
     width, height = job.width or NATIVE_SIZE[family], job.height or NATIVE_SIZE[family]
     if width % LATENT_FACTOR or height % LATENT_FACTOR or not 64 <= min(width, height) <= max(width, height) <= 4096:
@@ -245,12 +265,12 @@ def train(job: TrainingJob) -> dict:
     if debug.ENABLED:
         debug.start_generation()
     try:
-        host.prepare([p.prompt for p in prompts] + list(job.preservation_prompts))
+        host.prepare([p.prompt for p in prompts] + preservation_prompts)
         with host.scope():
             result = train_key_projections(
                 host.unet, host.denoise, host.encode, prompts, host.alphas_cumprod(),
                 (LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR), config,
-                preservation_prompts=job.preservation_prompts, progress=_report_progress(config.steps),
+                preservation_prompts=preservation_prompts, progress=_report_progress(config.steps),
                 should_stop=lambda: bool(shared.state.interrupted))
     except TrainingCancelled as error:
         raise TrainingRefused(409, f"interrupted: {error}") from None
@@ -267,7 +287,7 @@ def train(job: TrainingJob) -> dict:
                                    "after the layers the loss reads); nothing was saved")
     losses = result.losses
     settings = {"prompts": [p.prompt for p in prompts], "entities": specs,
-                "preservation_prompts": list(job.preservation_prompts), "width": width, "height": height,
+                "preservation_prompts": preservation_prompts, "width": width, "height": height,
                 "config": dataclasses.asdict(config), "loss_first": losses[0], "loss_last": losses[-1],
                 "seconds": round(result.seconds, 2)}
     checkpoint = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", "")

@@ -5,8 +5,9 @@ Run in this process from the prepared checkouts, no server: Forge's
 ``packages_3rdparty/comfyui_lora_collection`` (``model_lora_keys_unet``, ``unet_to_diffusers``; the
 same code as ComfyUI's ``comfy/lora.py``) from ``ELA_FORGE``, and A1111's
 ``convert_diffusers_name_to_compvis`` from ``extensions-builtin/Lora/networks.py`` under
-``ELA_WEBUI`` (taken out of the module by its source, which imports the whole WebUI). Each skips,
-saying why, without its host.
+``ELA_WEBUI`` (taken out of the module by its source, which imports the whole WebUI). The module
+paths of each layout come from Forge's ``unet_to_diffusers``, so every test needs ``ELA_FORGE``
+and the A1111 ones ``ELA_WEBUI`` too; without them they skip and say why.
 """
 
 from __future__ import annotations

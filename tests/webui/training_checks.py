@@ -75,7 +75,8 @@ def assert_trained_lora_loads(server: WebUI, lora_dir: Path, name: str, model: s
 
 def test_training_interrupt_leaves_no_file_and_the_model_unchanged(training_host: WebUI, lora_dir: Path) -> None:
     """Interrupt (``POST /sdapi/v1/interrupt`` from another thread, as the UI's button) during a
-    long run: the progress endpoint showed the run, the answer is 409 with the reason, no file, no
+    long run: the progress endpoint showed the run, a generation asked for meanwhile waited for the
+    queue lock (and then gave the image of before), the answer is 409 with the reason, no file, no
     hook, and the model gives the image it gave before."""
     server = training_host
     payload = txt2img_payload(**SIZE)
@@ -86,9 +87,16 @@ def test_training_interrupt_leaves_no_file_and_the_model_unchanged(training_host
         zip(("status", "body"), server.request("POST", "/ela/v1/train", train_body("interrupted", steps=100_000)))))
     run.start()
     progress = _wait_for_training_progress(server)
+    queued: dict = {}
+    generation = threading.Thread(target=lambda: queued.update(server.txt2img(**payload)))
+    generation.start()
+    generation.join(timeout=3)
+    assert generation.is_alive() and run.is_alive(), "a generation ran beside training"
     server.post("/sdapi/v1/interrupt", {})
     run.join(timeout=300)
+    generation.join(timeout=300)
     assert not run.is_alive(), "training did not stop on interrupt"
+    assert queued["images"][0] == before
     assert answer["status"] == 409 and "interrupted" in answer["body"]["detail"], answer
     assert progress["state"]["job"] == "ela_train" and "ELA training: step" in progress["textinfo"]
     assert progress["state"]["sampling_steps"] == 100_000 and 0 < progress["progress"] < 1
@@ -121,6 +129,9 @@ BAD_REQUESTS = [
     ({"name": "../outside"}, 422, "no folders"),
     ({"width": 100}, 422, "multiples of 8"),
     ({"preservation": 0.5}, 422, "needs preservation prompts"),
+    ({"preservation": 0.5, "preservation_prompts": ["a cat " * 80]}, 422, "preservation prompt 1"),
+    ({"prompts": ["a cat and a frog" + ", on a sunny day" * 20], "entities": ["cat | frog"]}, 422,
+     "longer than 75 tokens"),
 ]
 FAULTS = [("nan", 422, "non-finite training loss"), ("oom", 422, "out of memory")]
 
