@@ -19,8 +19,8 @@ def _prediction(unet, context):
 
 def test_finetune_writes_a_lora_the_bundled_model_takes(tmp_path):
     out = tmp_path / "lora.safetensors"
-    main(["--inputs", "anchored", "--prompts", "3", "--sample-seeds", "8", "--steps", "3", "--batch-size", "2",
-          "--out", str(out)])
+    main(["--inputs", "anchored", "--projections", "to_k,to_v", "--prompts", "3", "--sample-seeds", "8",
+          "--steps", "3", "--batch-size", "2", "--out", str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 3 and record["training_examples"] >= 1
     assert record["command"].startswith("python -m benchmark.finetune --inputs anchored")

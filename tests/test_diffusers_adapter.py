@@ -40,8 +40,10 @@ def test_anchoring_changes_the_result_and_lowers_the_loss(tiny_unet, text_encode
     off = run(tiny_unet, text_encoder, clip_tokenizer, scheduler_name, ElaConfig())
     again = run(tiny_unet, text_encoder, clip_tokenizer, scheduler_name, ElaConfig())
     assert torch.equal(off.latents, again.latents) and off.session is None
-    config = replace(ElaConfig(enabled=True, entities="black cat | green frog"), window_end=0.5,
-                     max_iterations=4, loss_threshold=0.0, step_size=0.3)
+    # ELA's own masks through the adapter (ela_enhance); at this step (3x the default) on the random
+    # tiny UNet, Separate-and-Enhance's loss does not end every anchored step lower.
+    config = replace(ElaConfig(enabled=True, entities="black cat | green frog", objective="ela_enhance"),
+                     window_end=0.5, max_iterations=4, loss_threshold=0.0, step_size=0.3)
     on = run(tiny_unet, text_encoder, clip_tokenizer, scheduler_name, config)
     assert not torch.equal(on.latents, off.latents)
     assert [e.word for e in on.targets[0].entities] == ["cat", "frog"]
