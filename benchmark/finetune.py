@@ -134,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "training_examples": len(prompts), "steps": result.steps, "seconds": round(seconds, 1),
               "training_seconds": round(result.seconds, 1), "loss_first": result.losses[0],
               "loss_last": result.losses[-1]}
-    deltas = {d.name: d.diff if d.diff is not None else (d.down, d.up, d.alpha) for d in result.deltas}
+    deltas = {delta.name: delta.file_entry() for delta in result.deltas}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_lora(args.out, deltas, "sd1", {"ela_training": json.dumps(record)})
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -128,6 +128,10 @@ class ProjectionDelta:
             return self.diff
         return self.up @ self.down * (self.alpha / self.down.shape[0])
 
+    def file_entry(self) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor, float]":
+        """What ``ela_ext.lora_file.save_lora`` writes for it: the full diff, or (down, up, alpha)."""
+        return self.diff if self.diff is not None else (self.down, self.up, self.alpha)
+
 
 @dataclass
 class FinetuneResult:
@@ -178,30 +182,6 @@ def changes_hooked(projections: Sequence[nn.Module], changes: Sequence[nn.Module
     finally:
         for handle in handles:
             handle.remove()
-
-
-class _FixedDelta(nn.Module):
-    """A trained ``ProjectionDelta`` applied at a strength (for sampling with a result in-process)."""
-
-    def __init__(self, delta: ProjectionDelta, strength: float, device: torch.device):
-        super().__init__()
-        self.weight = delta.weight().float().to(device) * strength
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return F.linear(inputs.float(), self.weight)
-
-
-@contextlib.contextmanager
-def deltas_applied(unet: nn.Module, deltas: Sequence[ProjectionDelta], strength: float = 1.0) -> Iterator[None]:
-    """``unet`` with ``deltas`` added to their projections' outputs inside the block (no weight written)."""
-    modules = dict(unet.named_modules())
-    missing = [delta.name for delta in deltas if delta.name not in modules]
-    if missing:
-        raise KeyError(f"no module {missing[0]!r} in this UNet")
-    device = next(unet.parameters()).device
-    with changes_hooked([modules[delta.name] for delta in deltas],
-                        [_FixedDelta(delta, strength, device) for delta in deltas]):
-        yield
 
 
 def trained_layers(unet: nn.Module, choice: str) -> list[tuple[str, nn.Module]]:

@@ -293,10 +293,10 @@ def train(job: TrainingJob) -> dict:
     checkpoint = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", "")
     metadata = {"ss_sd_model_name": str(checkpoint), "ss_resolution": f"({width}, {height})",
                 "ss_max_train_steps": str(result.steps), "ss_learning_rate": str(config.learning_rate),
-                "ss_seed": str(config.seed), "ss_training_comment": "ELA key-projection training (to_k only)",
+                "ss_seed": str(config.seed),
+                "ss_training_comment": f"ELA projection training ({', '.join(config.projections)})",
                 "ela_training": json.dumps(settings)}
-    deltas = {delta.name: delta.diff if delta.diff is not None else (delta.down, delta.up, delta.alpha)
-              for delta in result.deltas}
+    deltas = {delta.name: delta.file_entry() for delta in result.deltas}
     try:
         save_lora(path, deltas, family, metadata)
     except LoraFileError as error:

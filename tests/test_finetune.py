@@ -7,8 +7,9 @@ import torch
 
 from benchmark.tiny_unet import CONTEXT_DIM
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
-from ela_ext.finetune import (FinetuneConfig, FinetuneError, TrainingCancelled, TrainingPrompt, deltas_applied,
+from ela_ext.finetune import (FinetuneConfig, FinetuneError, TrainingCancelled, TrainingPrompt,
                               train_key_projections, trained_layers)
+from ela_ext.lora_file import merged_lora, save_lora
 from ela_ext.tokens import EntityColumns, ResolvedEntity, WordColumns
 
 TARGET = EntityColumns(
@@ -63,7 +64,7 @@ def test_training_lowers_the_loss_and_leaves_the_model_as_it_was(tiny_unet, rank
         assert (delta.diff is not None) == (rank == 0)
 
 
-def test_the_trained_change_moves_the_maps_the_loss_reads(tiny_unet):
+def test_the_trained_change_moves_the_maps_the_loss_reads(tiny_unet, tmp_path):
     config = FinetuneConfig(objective="separate_enhance", steps=8, learning_rate=3e-2, batch_size=2)
     result = _train(tiny_unet, config, noisy_latents=_fixed_latents)
     layers = [module for _, module in find_cross_attention_layers(tiny_unet)]
@@ -73,9 +74,10 @@ def test_the_trained_change_moves_the_maps_the_loss_reads(tiny_unet):
         with torch.no_grad(), AttentionCapture(layers, SHAPE[1:], stop_after_last=True) as capture:
             return run_truncated(capture, lambda: _denoise(tiny_unet)(x_t, t, _context(1)))
     plain = maps()
-    with deltas_applied(tiny_unet, result.deltas):
+    path = save_lora(tmp_path / "trained.safetensors", {d.name: d.file_entry() for d in result.deltas}, "sd1")
+    with merged_lora(tiny_unet, path, 1.0):
         tuned = maps()
-    with deltas_applied(tiny_unet, result.deltas, strength=0.0):
+    with merged_lora(tiny_unet, path, 0.0):
         zero = maps()
     assert not torch.allclose(plain, tuned)
     assert torch.equal(plain, zero)
