@@ -337,8 +337,9 @@ def test_xyz_enabled_and_lambda_axes_override_the_accordion_per_cell(host, img2i
     generate = host.img2img if img2img else host.txt2img
     enabled = xyz_axis(host, "[ELA] Enabled", img2img)
     lambda_axis = xyz_axis(host, "[ELA] Lambda (attenuation weight)", img2img)
-    # The accordion is off; the X axis turns ELA on for half of the cells.
-    grid = generate(**payload, **ela_args(enabled=False),
+    # The accordion is off; the X axis turns ELA on for half of the cells. Lambda weighs ELA's
+    # attenuation term, so the objective is one of ELA's (the default, separate_enhance, has none).
+    grid = generate(**payload, **ela_args(enabled=False, objective="ela_enhance"),
                     **xyz_args((enabled, "", ["False", "True"]), (lambda_axis, "0.2, 0.6", [])))
     cells = xyz_cells(grid)
     assert len(cells) == 4
@@ -351,7 +352,8 @@ def test_xyz_enabled_and_lambda_axes_override_the_accordion_per_cell(host, img2i
     for weight, (image, text) in on_cells.items():
         assert "ELA log: steps=" in text and "ELA log: steps=0" not in text
         # A cell is the image the accordion would give with the same values.
-        assert pixels(image) == pixels(generate(**payload, **ela_args(lambda_weight=weight))["images"][0])
+        assert pixels(image) == pixels(generate(**payload, **ela_args(lambda_weight=weight, objective="ela_enhance"))
+                                       ["images"][0])
     assert pixels(on_cells[0.2][0]) != pixels(on_cells[0.6][0])
 
 
