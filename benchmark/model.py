@@ -59,6 +59,10 @@ class ModelConfig:
     block_channels: tuple[int, ...] = (64, 128)
     layers_per_block: int = 1
     unet_heads: int = 8
+    # SD's layout keeps cross-attention off its lowest-resolution level (SD 1.x: 64, 32, 16 with
+    # attention, 8 without); None: every level has it (the bundled model's two levels).
+    attention_levels: int | None = None
+    latent_channels: int = LATENT_CHANNELS
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -93,10 +97,13 @@ class EntityTextEncoder(nn.Module):
 
 def build_unet(config: ModelConfig) -> UNet2DConditionModel:
     n = len(config.block_channels)
+    with_attention = n if config.attention_levels is None else config.attention_levels
+    down = ("CrossAttnDownBlock2D",) * with_attention + ("DownBlock2D",) * (n - with_attention)
+    up = tuple(name.replace("Down", "Up") for name in reversed(down))
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=LATENT_SIZE, in_channels=config.latent_channels, out_channels=config.latent_channels,
         block_out_channels=config.block_channels, layers_per_block=config.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=down, up_block_types=up,
         cross_attention_dim=config.text_hidden, attention_head_dim=config.unet_heads,
         norm_num_groups=16)
 

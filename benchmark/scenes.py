@@ -83,23 +83,32 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, f
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def shape_coverage(shape: str, bbox: tuple[int, int, int, int], size: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
-    """Fractional coverage (H x W float in [0, 1]) of ``shape`` drawn in ``bbox`` (output pixels)."""
+def shape_coverage(shape: str, bbox: tuple[int, int, int, int], size: tuple[int, int] = (SIZE, SIZE),
+                   supersample: int = SCALE) -> np.ndarray:
+    """Fractional coverage (H x W float in [0, 1]) of ``shape`` drawn in ``bbox`` (output pixels) on a
+    canvas ``supersample`` times finer."""
     h, w = size
-    canvas = Image.new("L", (w * SCALE, h * SCALE), 0)
-    draw_shape(ImageDraw.Draw(canvas), shape, tuple(v * SCALE for v in bbox))
-    return np.asarray(canvas.reduce(SCALE), dtype=np.float32) / 255.0
+    canvas = Image.new("L", (w * supersample, h * supersample), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, tuple(v * supersample for v in bbox))
+    return np.asarray(canvas.reduce(supersample), dtype=np.float32) / 255.0
 
 
-def render(objects: list[tuple[str, str, tuple[int, int, int, int]]]) -> tuple[np.ndarray, list[SceneObject]]:
-    """Composite (shape, colour, bbox) objects on the background; returns the image and ground truth."""
-    image = np.empty((SIZE, SIZE, 3), np.float32)
+def render(objects: list[tuple[str, str, tuple[int, int, int, int]]],
+           scale: int = 1) -> tuple[np.ndarray, list[SceneObject]]:
+    """Composite (shape, colour, bbox) objects on the background; returns the image (``SIZE * scale``
+    pixels a side: the autoencoder model sees the same scene at 128 px) and the ground truth, always
+    at ``SIZE``, where the evaluator judges. Every scale draws on the same ``SIZE * SCALE`` canvas, so
+    a scaled image box-downsampled to ``SIZE`` has the coverage of the ``SIZE`` render (the evaluator's
+    shape templates are drawn on that canvas too)."""
+    side = SIZE * scale
+    image = np.empty((side, side, 3), np.float32)
     image[:] = BACKGROUND
     truth = []
     for shape, colour, bbox in objects:
-        alpha = shape_coverage(shape, bbox)[..., None]
+        alpha = shape_coverage(shape, tuple(v * scale for v in bbox), (side, side), SCALE // scale)[..., None]
         image = image * (1 - alpha) + np.asarray(PALETTE[colour], np.float32) * alpha
-        truth.append(SceneObject(shape, colour, bbox, alpha[..., 0] >= 0.5))
+        mask = alpha[..., 0] >= 0.5 if scale == 1 else shape_coverage(shape, bbox) >= 0.5
+        truth.append(SceneObject(shape, colour, bbox, mask))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), truth
 
 
@@ -141,9 +150,10 @@ def layout(rng: random.Random, pairs: list[tuple[str, str]]) -> list[tuple[str, 
     return [(s, c, b) for (s, c), b in zip(pairs, boxes)]
 
 
-def training_scene(seed: int) -> Scene:
+def training_scene(seed: int, scale: int = 1) -> Scene:
     """One training example: 1 object (25%), 2 (60%) or 3 (15%), distinct shapes and colours, never a
-    held-out pairing; two-or-more-object captions name colours half of the time."""
+    held-out pairing; two-or-more-object captions name colours half of the time. ``scale``: image
+    resolution as a multiple of ``SIZE`` (same scene at every scale)."""
     rng = random.Random(seed)
     n = rng.choices([1, 2, 3], weights=[25, 60, 15])[0]
     while True:
@@ -151,7 +161,7 @@ def training_scene(seed: int) -> Scene:
         if not is_held_out(pairs):
             break
     with_colours = n == 1 or rng.random() < 0.5
-    image, truth = render(layout(rng, pairs))
+    image, truth = render(layout(rng, pairs), scale)
     return Scene(image, truth, caption_for(pairs, with_colours))
 
 

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
-from .model import SCHEDULES, ModelConfig, build_model, encode_images, scheduler_config
+from .autoencoder import LATENT_CHANNELS as AE_LATENT_CHANNELS, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
+from .model import LATENT_CHANNELS, SCHEDULES, ModelConfig, build_model, encode_images, scheduler_config
 from .scenes import training_scene
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--no-blank-eos", action="store_true", help="keep the EOS/padding columns informative")
     p.add_argument("--unet-heads", type=int, default=4)
+    p.add_argument("--block-channels", default="64,128", help="UNet channels per resolution level")
+    p.add_argument("--attention-levels", type=int, default=None,
+                   help="levels with cross-attention, from the highest resolution (default: all)")
+    p.add_argument("--autoencoder", default=None,
+                   help="runs/NAME of a trained benchmark.autoencoder: learn on its 4x16x16 latents of "
+                        "128 px scenes instead of the pixel-unshuffled 12x16x16 (copied into the run)")
     p.add_argument("--grounding", type=float, default=0.05,
                    help="weight of the shape words' attention grounding loss on the anchor layers (0: off)")
     p.add_argument("--max-steps", type=int, default=10**9)
@@ -64,21 +71,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    ae = getattr(args, "autoencoder", None)
     return ModelConfig(text_layers=args.text_layers, text_heads=args.text_heads,
-                       blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads)
+                       blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads,
+                       block_channels=tuple(int(c) for c in getattr(args, "block_channels", "64,128").split(",")),
+                       attention_levels=getattr(args, "attention_levels", None),
+                       latent_channels=LATENT_CHANNELS if ae is None else AE_LATENT_CHANNELS)
 
 
-def make_batch(args, step: int, tokenizer, cache: dict):
+def make_batch(args, step: int, tokenizer, cache: dict, autoencoder=None):
     """(scenes, latents, token ids, noise, timesteps) of ``step``: a pure function of (seed, step)."""
     base = (args.seed * 1_000_003 + step) * args.batch
-    scenes = [training_scene(base + i) for i in range(args.batch)]
+    scenes = [training_scene(base + i, 1 if autoencoder is None else AE_SCALE) for i in range(args.batch)]
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     drop = torch.rand(args.batch, generator=gen) < args.cfg_dropout
     captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
     for c in set(captions) - cache.keys():
         cache[c] = encode(tokenizer, [c])[0]
     ids = torch.stack([cache[c] for c in captions])
-    latents = encode_images(np.stack([s.image for s in scenes]))
+    images = np.stack([s.image for s in scenes])
+    if autoencoder is None:
+        latents = encode_images(images)
+    else:
+        with torch.no_grad():
+            latents = autoencoder.encode(to_pixels(images))
     noise = torch.randn(latents.shape, generator=gen)
     timesteps = torch.randint(0, 1000, (args.batch,), generator=gen)
     return scenes, latents, ids, noise, timesteps
@@ -134,10 +150,15 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{stem}.safetensors"
-    save_file({k: v.half().contiguous() for k, v in ckpt["ema"].items()}, str(out))
+    tensors = dict(ckpt["ema"])
+    latent = {"kind": "pixel_unshuffle"}
+    if "autoencoder" in ckpt:
+        tensors.update({f"autoencoder.{k}": v for k, v in ckpt["autoencoder"].items()})
+        latent = {"kind": "autoencoder", "config": ckpt["autoencoder_config"]}
+    save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(out))
     args = ckpt["args"]
     out.with_suffix(".json").write_text(json.dumps({
-        "model_config": ckpt["model_config"],
+        "model_config": ckpt["model_config"], "latent": latent,
         "scheduler_config": scheduler_config(args.get("beta_schedule", "linear")),
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
         "train_args": args, "command": ckpt["command"],
@@ -173,6 +194,12 @@ def train(args: argparse.Namespace) -> None:
         text_encoder.load_state_dict(ckpt["text_encoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         ema, step, command = ckpt["ema"], ckpt["step"], ckpt["command"]
+    autoencoder = None
+    if args.autoencoder is not None:  # the run keeps its own copy, so a resumed run encodes the same
+        autoencoder, ae_ckpt = load_run(args.autoencoder)
+        ae_config = AutoencoderConfig.from_dict(ae_ckpt["config"])
+        if ckpt is not None:
+            autoencoder.load_state_dict(ckpt["autoencoder"])
     (run_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
     tokenizer, cache = load_tokenizer(), {}
     recorder = AttentionRecorder(anchor_layers(unet))
@@ -185,7 +212,9 @@ def train(args: argparse.Namespace) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                     "optimizer": optimizer.state_dict(), "ema": ema, "step": step, "args": vars(args),
-                    "model_config": asdict(config), "command": command}, tmp)
+                    "model_config": asdict(config), "command": command,
+                    **({} if autoencoder is None else {"autoencoder": autoencoder.state_dict(),
+                                                       "autoencoder_config": asdict(ae_config)})}, tmp)
         os.replace(tmp, ckpt_path)
 
     stop = []  # SIGTERM / Ctrl-C end the run after the current step, with a checkpoint
@@ -195,7 +224,7 @@ def train(args: argparse.Namespace) -> None:
     losses: list[float] = []
     unet.train()
     while not stop and step < args.max_steps and time.time() - start < args.max_minutes * 60:
-        scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache)
+        scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache, autoencoder)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         context = text_encoder(ids)[0]
         mse = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=context).sample, noise)
