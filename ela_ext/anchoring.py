@@ -93,7 +93,7 @@ def latent_step(grad: torch.Tensor, step_size: float, noise_fraction: float) -> 
     both correct) it gave 5.6% against 10.1% for this rule; on the 192 reported images of the
     README, 14.6% (27 fixed / 4 broken, kept 20%) against 28.6% (51 / 1, kept 80%). Smaller pushes
     fixed less and did not keep more: on 19 development images right without anchoring
-    (``benchmark.kept``) steps 0.025-0.2 kept 0-2, and at 0.001 the gradient direction still moved
+    (``benchmark.studies.kept``) steps 0.025-0.2 kept 0-2, and at 0.001 the gradient direction still moved
     their pixels 8.2% (kept 1) where a random direction of that size moved them 0.7% (kept 14):
     the loss gradient is the direction the early layout is most sensitive to.
     """

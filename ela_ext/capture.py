@@ -251,7 +251,7 @@ def weights_frozen(module: nn.Module) -> Iterator[None]:
     The grad pass needs the latent's gradient only, but the WebUI's weights require grad, and then
     autograd keeps each linear and conv layer's input for a weight gradient never taken: 18% of
     what a truncated pass saves for backward on SD 1.5's UNet at 512 px (813 -> 664 MiB in fp32,
-    ``python -m benchmark.grad_pass_profile --latent 64 --weights-frozen --saved-only``); time
+    ``python -m benchmark.studies.grad_pass_profile --latent 64 --weights-frozen --saved-only``); time
     was unchanged within noise on CPU.
     """
     thawed = [parameter for parameter in module.parameters() if parameter.requires_grad]

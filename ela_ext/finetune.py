@@ -243,7 +243,7 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
     With ``config.denoising`` > 0 every prompt carries an image (``latent``), ``x_t`` is that image
     noised, and the loss adds the usual epsilon-prediction denoising error (weight ``denoising``):
     training on images rather than on attention alone, e.g. on images anchoring drew right
-    (``benchmark.finetune``). For epsilon-predicting models only.
+    (``benchmark.commands.finetune``). For epsilon-predicting models only.
     """
     config = config.validated()
     if not prompts:

@@ -9,7 +9,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from benchmark.tiny_unet import CONTEXT_DIM, build_tiny_unet  # noqa: E402
+from benchmark.models.tiny_unet import CONTEXT_DIM, build_tiny_unet  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +26,8 @@ def context():
 @pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer with the real CLIP BPE vocabulary, written offline from the
-    copy open_clip ships (benchmark.clip_tokenizer)."""
-    from benchmark.clip_tokenizer import load_tokenizer
+    copy open_clip ships (benchmark.models.clip_tokenizer)."""
+    from benchmark.models.clip_tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(tmp_path_factory.mktemp("clip-bpe"))

@@ -12,12 +12,13 @@ import torch
 from ela_ext.config import ElaConfig
 from ela_ext.lora_file import save_lora
 
-from benchmark.effect import (DEFAULT_WEIGHTS, Lora, SettingResult, main, paired, parse_seeds, print_markdown,
-                              print_table, run_key, run_setting, sampling_backend, summary, worker_pool)
-from benchmark.kept import main as kept_main, right_off
-from benchmark.model import load_model
-from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
-from benchmark.scenes import PALETTE, render
+from benchmark.commands.effect import (Lora, SettingResult, main, paired, parse_seeds, print_markdown, print_table,
+                                       run_key, run_setting, sampling_backend, summary, worker_pool)
+from benchmark.judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR
+from benchmark.models.model import load_model
+from benchmark.models.scenes import PALETTE, render
+from benchmark.paths import BUNDLED_WEIGHTS
+from benchmark.studies.kept import main as kept_main, right_off
 
 
 def test_paired_counts_and_rates_by_hand():
@@ -36,7 +37,7 @@ def test_paired_counts_and_rates_by_hand():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,9") == [5, 9] and parse_seeds("7:9") == [7, 8]
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_end_to_end_on_two_prompts_and_two_seeds(capsys, tmp_path):
     argv = ["--families", "held_out,three", "--prompts-per-family", "1", "--seeds", "2", "--steps", "8",
             "--settings", "off,default,random,separate_enhance", "--json", "--cache", str(tmp_path)]
@@ -53,7 +54,7 @@ def test_end_to_end_on_two_prompts_and_two_seeds(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["tables"] == report["tables"]
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_single_object_prompts_are_sampled_plain_and_kept_out_of_the_pooled_table(capsys):
     main(["--families", "held_out,seen,single", "--prompts-per-family", "1", "--seeds", "2", "--steps", "4",
           "--settings", "off,default,random", "--json"])
@@ -66,11 +67,11 @@ def test_single_object_prompts_are_sampled_plain_and_kept_out_of_the_pooled_tabl
     assert tables["held_out"][1]["pixel_change"] > 0  # the two-object prompt is anchored
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_worker_processes_give_the_same_results_in_prompt_order():
     prompts = ["a red circle and a blue square", "a star and a triangle", "a green cross and a white star"]
-    model = load_model(DEFAULT_WEIGHTS)
-    with worker_pool(DEFAULT_WEIGHTS, 2) as pool:
+    model = load_model(BUNDLED_WEIGHTS)
+    with worker_pool(BUNDLED_WEIGHTS, 2) as pool:
         for setting in ("ela", "random"):  # the control's directions are seeded per prompt index
             here = run_setting(model, prompts, [0, 1], setting, ElaConfig(), 6, 5.0)
             there = run_setting(None, prompts, [0, 1], setting, ElaConfig(), 6, 5.0, pool)
@@ -109,20 +110,20 @@ def test_run_key_without_a_lora_is_the_key_cached_runs_were_stored_under(tmp_pat
 def _tiny_lora(path: Path) -> Path:
     """A rank-2 LoRA on every cross-attention key projection of the bundled model, as a kohya file."""
     generator = torch.Generator().manual_seed(0)
-    unet = load_model(DEFAULT_WEIGHTS)[0]
+    unet = load_model(BUNDLED_WEIGHTS)[0]
     deltas = {name: (torch.randn(2, module.in_features, generator=generator) * 0.3,
                      torch.randn(module.out_features, 2, generator=generator) * 0.3, 2.0)
               for name, module in unet.named_modules() if name.endswith("attn2.to_k")}
     return save_lora(path, deltas, "sd1")
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_a_lora_file_applies_to_every_setting_at_its_strength(tmp_path, capsys):
     path = _tiny_lora(tmp_path / "tiny.safetensors")
     prompts, seeds = ["a red circle and a blue square"], [0, 1]
 
     def images(setting, lora, workers=1):
-        with sampling_backend(DEFAULT_WEIGHTS, workers, lora) as (model, pool):
+        with sampling_backend(BUNDLED_WEIGHTS, workers, lora) as (model, pool):
             return run_setting(model, prompts, seeds, setting, ElaConfig(), 6, 5.0, pool).images
 
     plain = images("off", None)
@@ -144,7 +145,7 @@ def test_a_lora_file_applies_to_every_setting_at_its_strength(tmp_path, capsys):
 
 
 def test_sweep_grid_is_typed_like_the_config():
-    from benchmark.sweep import parse_grid
+    from benchmark.studies.sweep import parse_grid
 
     assert parse_grid("lambda_weight=0.1,0.5;max_iterations=3;binarization=mean") == [
         ("lambda_weight", 0.1), ("lambda_weight", 0.5), ("max_iterations", 3), ("binarization", "mean")]
@@ -155,7 +156,7 @@ def test_right_off_maps_prompt_major_images_to_their_seeds():
     assert right_off(off, ["p0", "p1"], [7, 8, 9]) == {0: [7], 1: [7, 8]}
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_kept_runs_each_setting_on_the_right_off_images_only(capsys, tmp_path):
     # The reported seen set's 8th prompt is right off at seeds 0 and 1 (runs/ of the README's table).
     kept_main(["--families", "seen", "--prompt-seed", "0", "--prompts-per-family", "8", "--seeds", "0,1",
@@ -168,7 +169,7 @@ def test_kept_runs_each_setting_on_the_right_off_images_only(capsys, tmp_path):
     assert all(0 <= int(row[3]) <= right and int(row[5]) == right for row in rows)
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_plain_off_pairs_the_lora_rows_with_the_model_without_it(tmp_path, capsys):
     path = _tiny_lora(tmp_path / "tiny.safetensors")
     argv = ["--families", "held_out", "--prompts-per-family", "1", "--seeds", "2", "--steps", "4", "--settings",

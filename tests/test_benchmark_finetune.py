@@ -1,13 +1,13 @@
-"""``benchmark.finetune`` end to end for a few steps: it writes a LoRA file (and its JSON) that the
+"""``benchmark.commands.finetune`` end to end for a few steps: it writes a LoRA file (and its JSON) that the
 hosts' naming maps onto the bundled model, and the file changes the model's prediction."""
 
 import json
 
 import torch
 
-from benchmark.finetune import main
-from benchmark.model import LATENT_CHANNELS, LATENT_SIZE, load_model
-from benchmark.effect import DEFAULT_WEIGHTS
+from benchmark.commands.finetune import main
+from benchmark.models.model import LATENT_CHANNELS, LATENT_SIZE, load_model
+from benchmark.paths import BUNDLED_WEIGHTS
 from ela_ext.lora_file import merged_lora, read_lora, read_metadata
 
 
@@ -23,12 +23,12 @@ def test_finetune_writes_a_lora_the_bundled_model_takes(tmp_path):
           "--steps", "3", "--batch-size", "2", "--out", str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 3 and record["training_examples"] >= 1
-    assert record["command"].startswith("python -m benchmark.finetune --inputs anchored")
+    assert record["command"].startswith("python -m benchmark.commands.finetune --inputs anchored")
     assert json.loads(read_metadata(out)["ela_training"])["settings"]["projections"] == ["to_k", "to_v"]
     keys = read_lora(out)
     assert keys and all(key.startswith("lora_unet_") and key.endswith(("_to_k", "_to_v")) for key in keys)
 
-    unet, text_encoder, tokenizer, _ = load_model(DEFAULT_WEIGHTS)
+    unet, text_encoder, tokenizer, _ = load_model(BUNDLED_WEIGHTS)
     context = text_encoder(tokenizer(["a red square and a blue star"], padding="max_length", max_length=77,
                                      return_tensors="pt").input_ids)[0]
     plain = _prediction(unet, context)

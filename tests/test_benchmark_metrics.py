@@ -7,12 +7,12 @@ import pytest
 
 from ela_ext.config import ElaConfig
 
-from benchmark.effect import DEFAULT_WEIGHTS
-from benchmark.families import FAMILIES, family_prompts
-from benchmark.evaluate import COLOURS, OK, evaluate, pixel_labels
-from benchmark.metrics import (centroid, centroid_shifts, clean_objects, colour_purity, interior, kept_rate,
-                               localisation_iou, mask_iou, pixel_change, upsample_mask)
-from benchmark.scenes import PALETTE, is_held_out, parse_prompt, render, training_scene
+from benchmark.judge.evaluate import COLOURS, OK, evaluate, pixel_labels
+from benchmark.judge.families import FAMILIES, family_prompts
+from benchmark.judge.metrics import (centroid, centroid_shifts, clean_objects, colour_purity, interior, kept_rate,
+                                     localisation_iou, mask_iou, pixel_change, upsample_mask)
+from benchmark.models.scenes import PALETTE, is_held_out, parse_prompt, render, training_scene
+from benchmark.paths import BUNDLED_WEIGHTS
 
 
 def test_kept_counts_only_images_right_without_anchoring():
@@ -116,7 +116,7 @@ def test_families_are_distinct_and_development_sets_disjoint_from_the_reported_o
 
 
 def test_mask_variants_on_hand_made_maps():
-    from benchmark.mask_quality import GROWN_SHARE, variant_masks
+    from benchmark.studies.mask_quality import GROWN_SHARE, variant_masks
     from ela_ext.tokens import EntityColumns, ResolvedEntity
 
     maps = torch.full((77, 8, 8), 1e-3)
@@ -131,7 +131,7 @@ def test_mask_variants_on_hand_made_maps():
 
 
 def test_auc_of_low_loss_predicting_right_images_by_hand():
-    from benchmark.loss_outcome import auc_low_is_right
+    from benchmark.studies.loss_outcome import auc_low_is_right
     losses = np.array([0.1, 0.2, 0.5, 0.3, 0.2])
     right = np.array([True, True, False, False, False])
     # right 0.1 beats all 3 wrong; right 0.2 beats 0.5 and 0.3 and ties 0.2: (3 + 2.5) / 6
@@ -140,22 +140,22 @@ def test_auc_of_low_loss_predicting_right_images_by_hand():
     assert np.isnan(auc_low_is_right(losses, np.zeros(5, dtype=bool)))
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_loss_outcome_scores_each_anchored_step_of_an_off_trajectory():
-    from benchmark.loss_outcome import prompt_losses
-    from benchmark.model import load_model
-    right, losses = prompt_losses(load_model(DEFAULT_WEIGHTS), "a white triangle and a green cross", [0, 1], 10,
+    from benchmark.studies.loss_outcome import prompt_losses
+    from benchmark.models.model import load_model
+    right, losses = prompt_losses(load_model(BUNDLED_WEIGHTS), "a white triangle and a green cross", [0, 1], 10,
                                   5.0, ElaConfig(), ["ela_enhance", "ela"])
     assert right.shape == (2,) and losses.shape == (2, 3, 2)  # window 0-0.3 of 10 steps: steps 0, 1, 2
     assert np.isfinite(losses).all() and (losses >= 0).all() and (losses <= 1).all()
     assert (losses[..., 0] != losses[..., 1]).all()  # the presence term changes the loss
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason=f"no bundled weights at {DEFAULT_WEIGHTS}")
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
 def test_mask_quality_scores_every_variant_at_every_anchored_step():
-    from benchmark.mask_quality import VARIANTS, score_prompt
-    from benchmark.model import load_model
-    scores = score_prompt(load_model(DEFAULT_WEIGHTS), "a red circle and a blue square", [0, 1], 10, 5.0, ElaConfig())
+    from benchmark.studies.mask_quality import VARIANTS, score_prompt
+    from benchmark.models.model import load_model
+    scores = score_prompt(load_model(BUNDLED_WEIGHTS), "a red circle and a blue square", [0, 1], 10, 5.0, ElaConfig())
     assert {key for key in scores if key[0] != "objects"} == {(v, s) for v in VARIANTS for s in range(3)}
     for (variant, _), values in scores.items():
         if variant != "objects":

@@ -13,10 +13,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from benchmark.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
-from benchmark.attention import anchor_layers
-from benchmark.model import ModelConfig, build_model, decode, encode_images, initial_noise, load_model
-from benchmark.scenes import training_scene
+from benchmark.models.attention import anchor_layers
+from benchmark.models.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
+from benchmark.models.model import ModelConfig, build_model, decode, encode_images, initial_noise, load_model
+from benchmark.models.scenes import training_scene
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "benchmark" / "weights" / "model.safetensors"
 
@@ -63,7 +63,7 @@ def test_eos_and_padding_columns_carry_no_caption(tokenizer):
 
 
 @pytest.mark.skipif(not WEIGHTS.exists(), reason="no committed weights: export with "
-                    "`python -m benchmark.train --name RUN --export`")
+                    "`python -m benchmark.models.train --name RUN --export`")
 def test_committed_weights_sample_deterministically():
     from diffusers import DDIMScheduler
     from ela_ext.config import ElaConfig
@@ -85,8 +85,8 @@ def test_committed_weights_sample_deterministically():
 
 
 def test_grounding_loss_rewards_attention_on_the_own_object(tokenizer):
-    from benchmark.train import grounding_loss
-    from benchmark.scenes import render, Scene
+    from benchmark.models.train import grounding_loss
+    from benchmark.models.scenes import render, Scene
 
     image, objects = render([("circle", "red", (2, 2, 14, 14)), ("square", "blue", (18, 18, 30, 30))])
     scene = Scene(image, objects, "a red circle and a blue square")

@@ -6,9 +6,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 
-from benchmark.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
-from benchmark.scenes import (PALETTE, TEST_PROMPTS_PATH, is_held_out, parse_prompt, prompt_text, render,
-                              held_out_prompts, training_scene)
+from benchmark.judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
+from benchmark.models.scenes import (PALETTE, TEST_PROMPTS_PATH, is_held_out, parse_prompt, prompt_text, render,
+                                     held_out_prompts, training_scene)
 
 
 def test_generator_is_deterministic():

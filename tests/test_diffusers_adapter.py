@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmark.tiny_unet import CONTEXT_DIM
+from benchmark.models.tiny_unet import CONTEXT_DIM
 from ela_ext.config import ElaConfig, replace
 from ela_ext.diffusers_adapter import sample, sampler_space
 from ela_ext.tokens import EntityNotInPromptError

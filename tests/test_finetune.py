@@ -5,7 +5,7 @@ cancel or a non-finite loss ends training with nothing kept."""
 import pytest
 import torch
 
-from benchmark.tiny_unet import CONTEXT_DIM
+from benchmark.models.tiny_unet import CONTEXT_DIM
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 from ela_ext.finetune import (FinetuneConfig, FinetuneError, TrainingCancelled, TrainingPrompt,
                               train_key_projections, trained_layers)

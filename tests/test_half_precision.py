@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from benchmark.real_scale import build_text_encoder
-from benchmark.tiny_unet import CONTEXT_DIM
+from benchmark.commands.real_scale import build_text_encoder
+from benchmark.models.tiny_unet import CONTEXT_DIM
 from ela_ext.anchoring import SamplerSpace
 from ela_ext.capture import AttentionCapture, attention_probs, find_cross_attention_layers, run_truncated
 from ela_ext.config import ElaConfig, replace

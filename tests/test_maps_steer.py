@@ -3,7 +3,7 @@ while active an entity's columns get no attention outside its strip."""
 
 import torch
 
-from benchmark.maps_steer import LayoutAttention, processors, strip_masks
+from benchmark.studies.maps_steer import LayoutAttention, processors, strip_masks
 from ela_ext.capture import find_cross_attention_layers
 from ela_ext.tokens import EntityColumns, ResolvedEntity, WordColumns
 

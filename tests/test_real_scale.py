@@ -5,7 +5,7 @@ whole images off and on through the adapter, time and peak memory from forked ch
 import pytest
 import torch
 
-from benchmark.real_scale import format_row, run_benchmark, unet_config
+from benchmark.commands.real_scale import format_row, run_benchmark, unet_config
 from ela_ext.capture import find_cross_attention_layers
 
 pytest.importorskip("diffusers")
@@ -33,7 +33,7 @@ def test_real_scale_mode_runs_off_and_on_end_to_end(layout):
 
 
 def test_sdxls_lowest_up_level_has_its_thirty_layers():
-    from benchmark.real_scale import build_unet
+    from benchmark.commands.real_scale import build_unet
 
     unet = build_unet("sdxl", 16, torch.float32, "cpu")
     names = [name for name, _ in find_cross_attention_layers(unet)]
@@ -42,7 +42,7 @@ def test_sdxls_lowest_up_level_has_its_thirty_layers():
 
 @pytest.mark.parametrize("layout", ["sd15", "sdxl"])
 def test_training_step_cost_runs_on_both_layouts(layout):
-    from benchmark.real_scale import training_step_cost
+    from benchmark.commands.real_scale import training_step_cost
 
     cost = training_step_cost(layout, latent=8, steps=1, batch=2, divisor=16)
     assert cost["train_step_s"] > 0 and cost["sampling_step_s"] > 0

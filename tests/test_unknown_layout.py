@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.tiny_unet import CONTEXT_DIM, build_tiny_unet
+from benchmark.models.tiny_unet import CONTEXT_DIM, build_tiny_unet
 from ela_ext.anchoring import SamplerSpace
 from ela_ext.config import ElaConfig, replace
 from ela_ext.session import AnchoringSession

@@ -1,6 +1,6 @@
 """Does the image follow the cross-attention maps on the bundled model? Force them and look.
 
-    python -m benchmark.maps_steer [--families held_out,seen] [--prompt-seed 1] [--prompts-per-family 8]
+    python -m benchmark.studies.maps_steer [--families held_out,seen] [--prompt-seed 1] [--prompts-per-family 8]
                                    [--seeds 100:108] [--window 0.3] [--layers all|up_lowest] [--boost 1]
 
 A trained ``to_k`` change can only move where each word's attention goes. Whether that can place
@@ -30,11 +30,12 @@ from ela_ext.config import ElaConfig
 from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.tokens import EntityColumns
 
-from .effect import DEFAULT_WEIGHTS, parse_seeds
-from .evaluate import evaluate
-from .families import family_prompts
-from .model import decode, initial_noise, load_model
-from .scenes import parse_prompt
+from ..commands.effect import parse_seeds
+from ..judge.evaluate import evaluate
+from ..judge.families import family_prompts
+from ..models.model import decode, initial_noise, load_model
+from ..models.scenes import parse_prompt
+from ..paths import BUNDLED_WEIGHTS
 
 
 def strip_masks(count: int, side: int) -> torch.Tensor:
@@ -130,7 +131,7 @@ def run(model: tuple, prompts: Sequence[str], seeds: Sequence[int], forced: bool
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default="held_out,seen")
     parser.add_argument("--prompt-seed", type=int, default=1)
     parser.add_argument("--prompts-per-family", type=int, default=8)

@@ -1,7 +1,7 @@
 """What anchoring fixes on the bundled model: the same prompts and seeds with anchoring off, with
 each objective, and with a random-direction control, judged by the exact evaluator.
 
-    python -m benchmark.effect [--families held_out,seen,three[,single]] [--prompts-per-family 16]
+    python -m benchmark.commands.effect [--families held_out,seen,three[,single]] [--prompts-per-family 16]
                                [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
                                [--settings off,default,random,ela,attend_excite,...]
                                [--json] [--workers 2] [--cache runs/effect]
@@ -16,11 +16,11 @@ counts images wrong off and right with the setting, ``broken`` the reverse, ``ke
 images right off that stay right. ``moved`` is the mean pixel change against the off image and
 ``shift`` how far found objects' centres moved (pixels); ``IoU`` is the entity masks' overlap with
 the objects found in the final image at the first and the last anchored step; ``clean`` the share of
-found objects drawn in one colour (``benchmark.metrics``: ground-truth renders score 100%), judged
+found objects drawn in one colour (``benchmark.judge.metrics``: ground-truth renders score 100%), judged
 again from the kept images when the table is made, so cached results need no new field.
 The random control takes updates of the same size in random directions: an effect a
 setting has and the control does not is the objective's, not the push's. ``--prompt-seed`` other
-than 0 draws prompts disjoint from ``prompts/`` (``benchmark.families``): choose settings there.
+than 0 draws prompts disjoint from ``prompts/`` (``benchmark.judge.families``): choose settings there.
 A prompt the engine cannot anchor (one entity: the ``single`` family) is sampled plain in every
 setting, as the WebUI leaves such an image unanchored; its table's ``both ok`` is single-object
 accuracy, and the pooled table (``all``) pools the two- and three-object families only.
@@ -52,14 +52,14 @@ from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.entities import EntitySpecError
 from ela_ext.lora_file import merged_lora
 
-from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
-from .families import FAMILIES, FILES, SINGLE, family_prompts
-from .metrics import Centroid, centroid, centroid_shifts, clean_objects, kept_rate, localisation_iou, pixel_change
-from .model import decode, initial_noise, load_model
-from .scenes import parse_prompt
+from ..judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
+from ..judge.families import FAMILIES, FILES, SINGLE, family_prompts
+from ..judge.metrics import (Centroid, centroid, centroid_shifts, clean_objects, kept_rate, localisation_iou,
+                             pixel_change)
+from ..models.model import decode, initial_noise, load_model
+from ..models.scenes import parse_prompt
+from ..paths import BUNDLED_WEIGHTS
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_WEIGHTS = HERE / "weights" / "model.safetensors"
 SETTINGS = ("off", "default", "random")
 FAILURES = (MISSING, WRONG_COLOUR, MERGED, WRONG_SHAPE)
 FOUND = (OK, WRONG_COLOUR, WRONG_SHAPE)  # statuses of an object drawn as its own component
@@ -365,7 +365,7 @@ def prompt_sets(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FILES)}")
     parser.add_argument("--prompts-per-family", type=int, default=16, help="the first N of each family")
     parser.add_argument("--prompt-seed", type=int, default=0, help="0: the sets in prompts/; "

@@ -7,7 +7,7 @@ share of the map beside the objects' share. Off trajectories keep the comparison
 variant sees the same maps and the same final objects, so a variant that finds objects better
 shows it here before any effect run.
 
-    python -m benchmark.mask_quality [--prompt-seed 1] [--prompts-per-family 8] [--seeds 100:104]
+    python -m benchmark.studies.mask_quality [--prompt-seed 1] [--prompts-per-family 8] [--seeds 100:104]
 
 Variants: ``otsu`` (the engine's default: ``B(A_i) AND D_i AND NOT B(A_SoT)``), ``mean`` and
 ``half`` (the other binarisations), ``no_background`` (Otsu without the start-of-text step),
@@ -31,13 +31,14 @@ from ela_ext.diffusers_adapter import prompt_targets, sample
 from ela_ext.localize import dominance_masks, localize, top_k_mask, word_map
 from ela_ext.tokens import EntityColumns
 
-from .attention import AttentionRecorder, anchor_layers
-from .effect import DEFAULT_WEIGHTS, parse_seeds
-from .evaluate import evaluate
-from .families import FAMILIES, family_prompts
-from .metrics import localisation_iou
-from .model import decode, initial_noise, load_model
-from .scenes import parse_prompt
+from ..commands.effect import parse_seeds
+from ..judge.evaluate import evaluate
+from ..judge.families import FAMILIES, family_prompts
+from ..judge.metrics import localisation_iou
+from ..models.attention import AttentionRecorder, anchor_layers
+from ..models.model import decode, initial_noise, load_model
+from ..models.scenes import parse_prompt
+from ..paths import BUNDLED_WEIGHTS
 
 VARIANTS = ("otsu", "mean", "half", "no_background", "grown")
 GROWN_SHARE = 0.15
@@ -103,7 +104,7 @@ def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, gu
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--weights", default=str(BUNDLED_WEIGHTS))
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--prompts-per-family", type=int, default=8)
     parser.add_argument("--prompt-seed", type=int, default=1)

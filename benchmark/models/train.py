@@ -1,7 +1,7 @@
 """Train the benchmark model on procedural scenes, on CPU, resumably.
 
-    OMP_NUM_THREADS=1 python -m benchmark.train --name NAME [--max-minutes M] [design options]
-    python -m benchmark.train --name NAME --export      # EMA weights -> benchmark/weights/
+    OMP_NUM_THREADS=1 python -m benchmark.models.train --name NAME [--max-minutes M] [design options]
+    python -m benchmark.models.train --name NAME --export      # EMA weights -> benchmark/weights/
 
 The run lives in runs/NAME/: ``ckpt.pt`` (written atomically every --ckpt-minutes), ``train.log`` (mean
 loss every --log-every steps) and ``args.json``. Starting again with the same NAME resumes from the
@@ -27,14 +27,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
+from ..paths import RUNS_DIR, WEIGHTS_DIR
 from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
 from .autoencoder import LATENT_CHANNELS as AE_LATENT_CHANNELS, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
 from .model import LATENT_CHANNELS, SCHEDULES, ModelConfig, build_model, encode_images, scheduler_config
 from .scenes import training_scene
 
-ROOT = Path(__file__).resolve().parent.parent
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,14 +161,14 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
         "scheduler_config": scheduler_config(args.get("beta_schedule", "linear")),
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
         "train_args": args, "command": ckpt["command"],
-        "export_command": f"python -m benchmark.train --name {args['name']} --export --export-name {stem}",
+        "export_command": f"python -m benchmark.models.train --name {args['name']} --export --export-name {stem}",
     }, indent=1) + "\n")
     return out
 
 
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    run_dir = ROOT / "runs" / args.name
+    run_dir = RUNS_DIR / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "ckpt.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
@@ -187,7 +186,7 @@ def train(args: argparse.Namespace) -> None:
         groups.append({"params": text_params, "lr": args.lr * args.text_lr_scale})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = DDPMScheduler(**scheduler_config(args.beta_schedule))
-    step, command = 0, " ".join(["python -m benchmark.train"] + sys.argv[1:])
+    step, command = 0, " ".join(["python -m benchmark.models.train"] + sys.argv[1:])
     ema = {k: v.detach().clone() for k, v in full_state(unet, text_encoder).items()}
     if ckpt is not None:
         unet.load_state_dict(ckpt["unet"])
@@ -255,7 +254,7 @@ def train(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.export:
-        print(export(ROOT / "runs" / args.name, args.export_name))
+        print(export(RUNS_DIR / args.name, args.export_name))
     else:
         train(args)
 

@@ -6,10 +6,10 @@ Samples prompts with anchoring off, computes each objective's loss on the maps E
 every step of the window (the engine's own localisation and objectives), judges the final images,
 and prints per step the AUC of "lower loss -> right image" (0.5: no better than chance):
 
-    python -m benchmark.loss_outcome [--families seen] [--prompt-seed 3] [--prompts-per-family 24]
+    python -m benchmark.studies.loss_outcome [--families seen] [--prompt-seed 3] [--prompts-per-family 24]
                                      [--seeds 100:148] [--objectives ela_enhance,ela,...]
 
-The defaults are ``benchmark.kept``'s development set (1152 images, 19 right off).
+The defaults are ``benchmark.studies.kept``'s development set (1152 images, 19 right off).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from ela_ext.anchoring import localize_target, objective_input
 from ela_ext.config import OBJECTIVE_NAMES, ElaConfig
 from ela_ext.objectives import OBJECTIVES
 
-from .effect import DEFAULT_WEIGHTS, parse_seeds
-from .evaluate import OK, evaluate
-from .families import family_prompts
+from ..commands.effect import parse_seeds
+from ..judge.evaluate import OK, evaluate
+from ..judge.families import family_prompts
+from ..models.model import load_model
+from ..models.scenes import parse_prompt
+from ..paths import BUNDLED_WEIGHTS
 from .mask_quality import off_trajectory_maps
-from .model import load_model
-from .scenes import parse_prompt
 
 
 def auc_low_is_right(losses: np.ndarray, right: np.ndarray) -> float:
@@ -60,7 +61,7 @@ def prompt_losses(model: tuple, prompt: str, seeds: Sequence[int], steps: int, g
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--weights", default=str(BUNDLED_WEIGHTS))
     parser.add_argument("--families", default="seen")
     parser.add_argument("--prompts-per-family", type=int, default=24)
     parser.add_argument("--prompt-seed", type=int, default=3)

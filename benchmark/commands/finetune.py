@@ -1,7 +1,7 @@
 """Train the bundled model's compositional LoRA with the engine's ``ela_ext.finetune`` and write it as
 the LoRA file the WebUIs and ComfyUI load (``ela_ext.lora_file``).
 
-    python -m benchmark.finetune [--out benchmark/weights/compositional_lora.safetensors]
+    python -m benchmark.commands.finetune [--out benchmark/weights/compositional_lora.safetensors]
                                  [--inputs noise|anchored] [--steps 400] [--lr 1e-3] [--rank 4] ...
 
 Training prompts are of the training distribution with the held-out pairings excluded (the
@@ -15,7 +15,7 @@ records the command, the settings, the steps, the losses and the time.
 
 The defaults are the paper's recipe (``to_k`` at rank 4, ``separate_enhance``, noise inputs), the
 committed file's: no variant tried on the development prompts did better (README, "Fine-tuning"),
-and ``benchmark.maps_steer`` says why none of them can on this model.
+and ``benchmark.studies.maps_steer`` says why none of them can on this model.
 """
 
 from __future__ import annotations
@@ -36,19 +36,19 @@ from ela_ext.diffusers_adapter import encode, prompt_targets
 from ela_ext.finetune import FinetuneConfig, TrainingPrompt, train_key_projections
 from ela_ext.lora_file import save_lora
 
-from .effect import DEFAULT_WEIGHTS, cached_run_setting, run_key, run_setting
-from .families import family_prompts
-from .model import LATENT_CHANNELS, LATENT_SIZE, encode_images, load_model
+from ..judge.families import family_prompts
+from ..models.model import LATENT_CHANNELS, LATENT_SIZE, encode_images, load_model
+from ..paths import BUNDLED_WEIGHTS, WEIGHTS_DIR
+from .effect import cached_run_setting, run_key, run_setting
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "weights" / "compositional_lora.safetensors"
+DEFAULT_OUT = WEIGHTS_DIR / "compositional_lora.safetensors"
 STEPS, GUIDANCE = 20, 5.0  # the effect benchmark's sampling
 
 
 def anchored_images(model: tuple, prompts: Sequence[str], seeds: Sequence[int], weights: Path,
                     cache: Optional[Path]) -> list[tuple[str, torch.Tensor]]:
     """(prompt, latent) for every image the default anchoring draws right (the evaluator's verdict);
-    the sampled setting is kept in ``cache`` as ``benchmark.effect`` keeps its settings."""
+    the sampled setting is kept in ``cache`` as ``benchmark.commands.effect`` keeps its settings."""
     key = run_key(prompts, seeds, "default", ElaConfig(), STEPS, GUIDANCE, weights)
     result = cached_run_setting(cache, key, lambda: run_setting(model, prompts, seeds, "default", ElaConfig(),
                                                                  STEPS, GUIDANCE))
@@ -85,7 +85,7 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the anchored images (a rerun "
                         "reuses them); not used when absent")
@@ -129,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         progress=lambda step, steps, loss: print(f"step {step}/{steps} loss {loss:.4f}", flush=True)
         if step % 50 == 0 or step == steps else None)
     seconds = time.perf_counter() - start
-    command = "python -m benchmark.finetune " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m benchmark.commands.finetune " + " ".join(shlex.quote(a) for a in argv)
     record = {"command": command.strip(), "settings": asdict(config), "inputs": args.inputs,
               "training_examples": len(prompts), "steps": result.steps, "seconds": round(seconds, 1),
               "training_seconds": round(result.seconds, 1), "loss_first": result.losses[0],

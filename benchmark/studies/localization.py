@@ -7,8 +7,8 @@ reports per entity word the ratio (attention mass on its own object's mask) / (m
 object's mask), over images where both objects were found as separate components. It also reports the
 plain sampler's failure rates.
 
-    OMP_NUM_THREADS=1 python -m benchmark.localization --run NAME      # EMA of runs/NAME/ckpt.pt
-    OMP_NUM_THREADS=1 python -m benchmark.localization --weights benchmark/weights/model.safetensors
+    OMP_NUM_THREADS=1 python -m benchmark.studies.localization --run NAME      # EMA of runs/NAME/ckpt.pt
+    OMP_NUM_THREADS=1 python -m benchmark.studies.localization --weights benchmark/weights/model.safetensors
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from PIL import Image
 from ela_ext.config import ElaConfig
 from ela_ext.diffusers_adapter import sample
 
-from .attention import AttentionRecorder, anchor_layers
-from .clip_tokenizer import encode
-from .evaluate import MERGED, MISSING, evaluate
-from .model import decode, encode_images, initial_noise, load_model
-from .scenes import held_out_prompts, prompt_text, training_scene
-from .train import ROOT, export
+from ..judge.evaluate import MERGED, MISSING, evaluate
+from ..models.attention import AttentionRecorder, anchor_layers
+from ..models.clip_tokenizer import encode
+from ..models.model import decode, encode_images, initial_noise, load_model
+from ..models.scenes import held_out_prompts, prompt_text, training_scene
+from ..models.train import export
+from ..paths import RUNS_DIR
 
 
 def word_column(tokenizer, prompt: str, word: str) -> int:
@@ -180,7 +181,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.run:
-        run_dir = ROOT / "runs" / args.run
+        run_dir = RUNS_DIR / args.run
         weights = export(run_dir, "ema", out_dir=run_dir / "export")
     else:
         weights = Path(args.weights)

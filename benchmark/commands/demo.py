@@ -2,7 +2,7 @@
 pure ELA (Eq. 7), side by side, plus the defaults' mask grid of the first seed, in one PNG (about a
 minute on a CPU). The prompt is the test set's first and the seeds the first six: nothing picked.
 
-    python -m benchmark.demo [--prompt "a circle and a square"] [--seeds 0,1,2,3]
+    python -m benchmark.commands.demo [--prompt "a circle and a square"] [--seeds 0,1,2,3]
                              [--out outputs/ela-demo.png]
 """
 
@@ -18,11 +18,12 @@ from PIL import Image, ImageDraw
 from ela_ext.config import ElaConfig, replace
 from ela_ext.diffusers_adapter import sample
 
-from .effect import DEFAULT_WEIGHTS, parse_seeds
-from .families import family_prompts
-from .evaluate import evaluate
-from .model import decode, initial_noise, load_model
-from .scenes import parse_prompt
+from ..judge.evaluate import evaluate
+from ..judge.families import family_prompts
+from ..models.model import decode, initial_noise, load_model
+from ..models.scenes import parse_prompt
+from ..paths import BUNDLED_WEIGHTS
+from .effect import parse_seeds
 
 SCALE = 4
 LABEL_HEIGHT = 14
@@ -47,7 +48,7 @@ def verdict(statuses: list[str]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--prompt", default=family_prompts("held_out")[0])
     parser.add_argument("--entities", default="", help="ELA entity spec; empty: detect from the prompt")
     parser.add_argument("--seeds", default="0,1,2,3,4,5")

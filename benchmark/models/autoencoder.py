@@ -1,6 +1,6 @@
 """A learned autoencoder latent for the benchmark, as Stable Diffusion's: 4 channels, 8x downsampling.
 
-    OMP_NUM_THREADS=1 python -m benchmark.autoencoder --name NAME [--max-minutes M]   # resumable
+    OMP_NUM_THREADS=1 python -m benchmark.models.autoencoder --name NAME [--max-minutes M]   # resumable
 
 Scenes rendered at 128 px are encoded to 4x16x16 latents scaled to unit variance (SD's
 ``scaling_factor``, measured here on training scenes at export), and decoded back to 128 px, which
@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..paths import RUNS_DIR
 from .scenes import SIZE, training_scene
 
 SCALE = 4  # scene pixels per judge pixel: 128 px images
 LATENT_CHANNELS, DOWNSAMPLE = 4, 8
-ROOT = Path(__file__).resolve().parent.parent
+
 
 
 @dataclass
@@ -132,7 +133,7 @@ def measure_scaling(model: SceneAutoencoder, seed: int = 12345, scenes: int = 25
 
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    run_dir = ROOT / "runs" / args.name
+    run_dir = RUNS_DIR / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "ckpt.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
@@ -142,7 +143,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = SceneAutoencoder(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, command = 0, " ".join(["python -m benchmark.autoencoder"] + sys.argv[1:])
+    step, command = 0, " ".join(["python -m benchmark.models.autoencoder"] + sys.argv[1:])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -189,7 +190,7 @@ def train(args: argparse.Namespace) -> None:
 
 def load_run(name: str) -> tuple[SceneAutoencoder, dict]:
     """(autoencoder, checkpoint) of runs/NAME, eval mode, no gradients."""
-    ckpt = torch.load(ROOT / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(RUNS_DIR / name / "ckpt.pt", map_location="cpu", weights_only=False)
     model = SceneAutoencoder(AutoencoderConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval().requires_grad_(False), ckpt

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from ..paths import RUNS_DIR
+
 VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
 MAX_LENGTH = 77
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "runs" / "clip_tokenizer"
+DEFAULT_CACHE = RUNS_DIR / "clip_tokenizer"
 
 
 def _bpe_path() -> Path:

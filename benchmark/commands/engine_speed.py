@@ -1,6 +1,6 @@
 """What the engine costs, as ratios measured in one run on the tiny UNet (machines are noisy).
 
-    python -m benchmark.engine_speed [--size 32] [--width 32] [--repeats 30] [--device cpu]
+    python -m benchmark.commands.engine_speed [--size 32] [--width 32] [--repeats 30] [--device cpu]
 
 Prints: a full grad pass (whole UNet forward, backward to the latent) against the truncated one
 (forward stops after the last captured layer), and a plain no-grad forward with capture off
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from benchmark.tiny_unet import CONTEXT_DIM, build_tiny_unet
+from benchmark.models.tiny_unet import CONTEXT_DIM, build_tiny_unet
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 
-from .scenes import HELD_SHAPE_PAIRS, PALETTE, SHAPES, held_out_prompts, is_held_out, prompt_text
+from ..models.scenes import HELD_SHAPE_PAIRS, PALETTE, SHAPES, held_out_prompts, is_held_out, prompt_text
+from ..paths import PROMPTS_DIR
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 SINGLE = "single"
 FILES = {"held_out": "test_prompts.txt", "seen": "seen_prompts.txt", "three": "three_prompts.txt",
          SINGLE: "single_prompts.txt"}

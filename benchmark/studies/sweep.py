@@ -2,7 +2,7 @@
 (the others at their defaults), each with its random-direction control, on the same prompts and
 seeds as the effect benchmark.
 
-    python -m benchmark.sweep [--prompt-seed 1] [--families held_out,seen,three] [--prompts-per-family 6]
+    python -m benchmark.studies.sweep [--prompt-seed 1] [--families held_out,seen,three] [--prompts-per-family 6]
         [--seeds 100:116] [--json] [--workers 2] [--cache runs/sweep]
         [--grid "lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2"]
 
@@ -21,11 +21,12 @@ import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, paired, parse_seeds, run_key, run_setting,
-                     sampling_backend)
-from .families import FAMILIES, family_prompts
-from .metrics import kept_rate
-from .evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE
+from ..commands.effect import (SettingResult, cached_run_setting, paired, parse_seeds, run_key, run_setting,
+                               sampling_backend)
+from ..judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE
+from ..judge.families import FAMILIES, family_prompts
+from ..judge.metrics import kept_rate
+from ..paths import BUNDLED_WEIGHTS
 
 DEFAULT_GRID = ("lambda_weight=0.1,0.3,0.5;step_size=0.05,0.1,0.2,0.4;max_iterations=1,5,10;"
                 "window_end=0.2,0.3,0.5;binarization=otsu,mean")
@@ -44,7 +45,7 @@ def parse_grid(text: str) -> list[tuple[str, object]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--prompts-per-family", type=int, default=6)
     parser.add_argument("--prompt-seed", type=int, default=1, help="0: the reported sets in prompts/")

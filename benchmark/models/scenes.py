@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..paths import PROMPTS_DIR
+
 SIZE = 32
 SCALE = 4
 BACKGROUND = (40, 40, 40)
@@ -39,7 +41,7 @@ GAP = 2  # minimum free pixels between two objects' boxes
 HELD_COLOUR_SHAPE = frozenset({("red", "circle"), ("blue", "square"), ("green", "triangle"),
                                ("yellow", "cross"), ("purple", "star")})
 HELD_SHAPE_PAIRS = frozenset({frozenset({"circle", "square"}), frozenset({"triangle", "star"})})
-TEST_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "test_prompts.txt"
+TEST_PROMPTS_PATH = PROMPTS_DIR / "test_prompts.txt"
 
 
 @dataclass

@@ -5,7 +5,7 @@ The effect benchmark measures kept on its own images, where few are right off (4
 development set has fewer still. This finds the right-off images of a larger development set once
 (anchoring off is the cheap run), then samples each setting on only those images:
 
-    python -m benchmark.kept [--families seen] [--prompt-seed 3] [--prompts-per-family 24]
+    python -m benchmark.studies.kept [--families seen] [--prompt-seed 3] [--prompts-per-family 24]
         [--seeds 100:148] [--grid "step_size=0.05,0.1"] [--settings ela_enhance,random]
         [--workers 2] [--cache runs/kept]
 
@@ -24,10 +24,11 @@ import torch
 
 from ela_ext.config import ElaConfig, replace
 
-from .effect import (DEFAULT_WEIGHTS, SettingResult, cached_run_setting, parse_seeds, run_jobs, run_key, run_setting,
-                     sampling_backend, setting_config)
-from .families import family_prompts
-from .metrics import pixel_change
+from ..commands.effect import (SettingResult, cached_run_setting, parse_seeds, run_jobs, run_key, run_setting,
+                               sampling_backend, setting_config)
+from ..judge.families import family_prompts
+from ..judge.metrics import pixel_change
+from ..paths import BUNDLED_WEIGHTS
 from .sweep import parse_grid
 
 
@@ -42,7 +43,7 @@ def right_off(off: SettingResult, prompts: list[str], seeds: list[int]) -> dict[
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default="seen", help="the seen pairings have the most right-off images")
     parser.add_argument("--prompts-per-family", type=int, default=24)
     parser.add_argument("--prompt-seed", type=int, default=3, help="a development set, disjoint from prompts/")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scenes import BACKGROUND, MAX_SIDE, PALETTE, SHAPES, shape_coverage
+from ..models.scenes import BACKGROUND, MAX_SIDE, PALETTE, SHAPES, shape_coverage
 
 COLOURS = sorted(PALETTE)
 _REFERENCE = np.asarray([BACKGROUND] + [PALETTE[c] for c in COLOURS], np.float32)

@@ -1,7 +1,7 @@
 """Whether a subset of SDXL's lowest up level (``up_blocks.0``: 3 transformers x 10 layers = 30
 cross-attention layers) gives the maps of all 30, and what the truncated grad pass then costs.
 
-    python -m benchmark.layer_subset --latent 16
+    python -m benchmark.studies.layer_subset --latent 16
 
 Maps: one conditional forward (no grad) captures each layer's head-averaged map; a subset's map
 is the mean of its layers' maps (they share one resolution), compared with all 30's by the
@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmark.grad_pass_profile import Timers
-from benchmark.real_scale import PROMPT, build_text_encoder, build_unet, sdxl_added_cond
+from benchmark.studies.grad_pass_profile import Timers
+from benchmark.commands.real_scale import PROMPT, build_text_encoder, build_unet, sdxl_added_cond
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 
 SUBSETS: dict[str, Callable[[int], bool]] = {
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
-    from benchmark.clip_tokenizer import load_tokenizer
+    from benchmark.models.clip_tokenizer import load_tokenizer
 
     unet = build_unet("sdxl", args.divisor, torch.float32, args.device)
     tokenizer = load_tokenizer()

@@ -1,6 +1,6 @@
 """Where one ELA grad pass spends its time, on SD 1.5's or SDXL's UNet layout (random weights).
 
-    python -m benchmark.grad_pass_profile --layout sd15 --latent 16 [--passes 5] [--device cpu]
+    python -m benchmark.studies.grad_pass_profile --layout sd15 --latent 16 [--passes 5] [--device cpu]
 
 Runs the engine's own loop (``anchor_latent`` inside ``AttentionCapture``, exactly as a session
 does) at the first sampling step with the threshold at 0, so every pass updates, and times its
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from benchmark.real_scale import ENTITIES, PROMPT, build_unet, in_forked_child, sdxl_added_cond
+from benchmark.commands.real_scale import ENTITIES, PROMPT, build_unet, in_forked_child, sdxl_added_cond
 from ela_ext import anchoring, capture
 from ela_ext.anchoring import SamplerSpace, anchor_latent
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
@@ -149,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
-    from benchmark.clip_tokenizer import load_tokenizer
+    from benchmark.models.clip_tokenizer import load_tokenizer
 
     dtype = getattr(torch, args.dtype)
     unet = build_unet(args.layout, 1, dtype, args.device)

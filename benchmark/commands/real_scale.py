@@ -1,8 +1,8 @@
 """What ELA costs on SD 1.5's and SDXL's UNet layouts: whole-image time and peak memory, off vs on.
 
-    python -m benchmark.real_scale --layout sd15 --latent 16 --steps 10          # CPU, one thread
-    python -m benchmark.real_scale --layout sdxl --latent 128 --steps 20 --dtype float16 --device cuda
-    python -m benchmark.real_scale --layout sd15 --latent 16 --train-steps 3     # training step cost
+    python -m benchmark.commands.real_scale --layout sd15 --latent 16 --steps 10          # CPU, one thread
+    python -m benchmark.commands.real_scale --layout sdxl --latent 128 --steps 20 --dtype float16 --device cuda
+    python -m benchmark.commands.real_scale --layout sd15 --latent 16 --train-steps 3     # training step cost
 
 The UNets are diffusers ``UNet2DConditionModel`` s built from SD 1.5's and SDXL's configs with
 random weights (no hub): the cost of a pass depends on the layout, not on the weights. The text
@@ -208,7 +208,7 @@ class Row:
 
 
 def load_models(layout: str, divisor: int, dtype: torch.dtype, device: str) -> dict[str, Any]:
-    from benchmark.clip_tokenizer import load_tokenizer
+    from benchmark.models.clip_tokenizer import load_tokenizer
 
     unet = build_unet(layout, divisor, dtype, device)
     return {"unet": unet, "dtype": dtype, "tokenizer": load_tokenizer(),
