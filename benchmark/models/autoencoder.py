@@ -19,13 +19,11 @@ weight 1e-6 as SD's), trained with L1 + MSE on the 128 px renders. Every batch i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +35,7 @@ from .scenes import SIZE, training_scene
 
 SCALE = 4  # scene pixels per judge pixel: 128 px images
 LATENT_CHANNELS, DOWNSAMPLE = 4, 8
+LATENT_SHAPE = (LATENT_CHANNELS, SIZE * SCALE // DOWNSAMPLE, SIZE * SCALE // DOWNSAMPLE)  # 4x16x16
 
 
 
@@ -102,6 +101,31 @@ def to_judge(images: torch.Tensor) -> np.ndarray:
     """Decoded (B, 3, 128, 128) -> uint8 (B, 32, 32, 3): box-downsampled to the judge's resolution."""
     x = F.avg_pool2d(images.detach().float().cpu().clamp(-1, 1), SCALE)
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class AutoencoderLatent:
+    """``benchmark.models.model``'s latent kind ``"autoencoder"``: the weights file carries the
+    autoencoder under ``autoencoder.``, its JSON entry the config. The judge's 32 px images are
+    upsampled (nearest) to 128 px to be encoded; decoded images are box-downsampled to 32 px."""
+
+    shape = LATENT_SHAPE
+
+    def __init__(self, model: SceneAutoencoder):
+        self.model = model
+
+    @classmethod
+    def load(cls, entry: dict, state: dict[str, torch.Tensor]) -> "AutoencoderLatent":
+        model = SceneAutoencoder(AutoencoderConfig.from_dict(entry["config"]))
+        model.load_state_dict({k[len("autoencoder."):]: v for k, v in state.items() if k.startswith("autoencoder.")})
+        return cls(model.eval().requires_grad_(False))
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.encode(F.interpolate(to_pixels(images), scale_factor=SCALE, mode="nearest"))
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return to_judge(self.model.decode(latents.detach().float().cpu()))
 
 
 def scene_batch(seed: int, step: int, batch: int) -> torch.Tensor:

@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from ..paths import RUNS_DIR, WEIGHTS_DIR
 from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
-from .autoencoder import LATENT_CHANNELS as AE_LATENT_CHANNELS, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
-from .model import LATENT_CHANNELS, SCHEDULES, ModelConfig, build_model, encode_images, scheduler_config
+from .autoencoder import LATENT_SHAPE as AE_LATENT_SHAPE, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
+from .model import (DEFAULT_LATENT, PIXEL_UNSHUFFLE_SHAPE, ModelConfig, SCHEDULES, build_model, encode_images,
+                    scheduler_config)
 from .scenes import training_scene
 
 
@@ -70,12 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    ae = getattr(args, "autoencoder", None)
     return ModelConfig(text_layers=args.text_layers, text_heads=args.text_heads,
                        blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads,
                        block_channels=tuple(int(c) for c in getattr(args, "block_channels", "64,128").split(",")),
-                       attention_levels=getattr(args, "attention_levels", None),
-                       latent_channels=LATENT_CHANNELS if ae is None else AE_LATENT_CHANNELS)
+                       attention_levels=getattr(args, "attention_levels", None))
 
 
 def make_batch(args, step: int, tokenizer, cache: dict, autoencoder=None):
@@ -150,7 +149,7 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{stem}.safetensors"
     tensors = dict(ckpt["ema"])
-    latent = {"kind": "pixel_unshuffle"}
+    latent = DEFAULT_LATENT  # pixel-unshuffled images, unless the run learnt on an autoencoder's latents
     if "autoencoder" in ckpt:
         tensors.update({f"autoencoder.{k}": v for k, v in ckpt["autoencoder"].items()})
         latent = {"kind": "autoencoder", "config": ckpt["autoencoder_config"]}
@@ -176,7 +175,8 @@ def train(args: argparse.Namespace) -> None:
         limits = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
         args = argparse.Namespace(**{**ckpt["args"], **limits})
     config = model_config(args)
-    unet, text_encoder = build_model(config, seed=args.seed)
+    latent_shape = PIXEL_UNSHUFFLE_SHAPE if getattr(args, "autoencoder", None) is None else AE_LATENT_SHAPE
+    unet, text_encoder = build_model(config, seed=args.seed, latent_shape=latent_shape)
     text_params = [p for n, p in text_encoder.named_parameters() if n != "eos_column"]
     if args.text_lr_scale == 0:
         for p in text_params:
