@@ -1,0 +1,89 @@
+"""Benchmark training: a run stopped and resumed ends with the same weights as one that never stopped
+(autoencoder and UNet, on the autoencoder's latents), and the exported model loads and samples through
+``load_model`` like the bundled one."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from benchmark.models import autoencoder as autoencoder_module
+from benchmark.models import train as train_module
+from benchmark.models.autoencoder import LATENT_SHAPE, SCALE, load_run, scene_batch, to_judge
+from benchmark.models.model import load_model
+from benchmark.models.scenes import training_scene
+from ela_ext.config import ElaConfig
+
+AE_ARGS = ["--batch", "2", "--log-every", "1"]
+UNET_ARGS = ["--batch", "2", "--block-channels", "16,32", "--attention-levels", "1", "--unet-heads", "2",
+             "--grounding", "0", "--log-every", "1"]
+
+
+@pytest.fixture()
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(autoencoder_module, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(train_module, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(train_module, "WEIGHTS_DIR", tmp_path / "weights")
+    return tmp_path
+
+
+def train_autoencoder(name: str, steps: int) -> None:
+    autoencoder_module.train(autoencoder_module.parse_args(["--name", name, "--max-steps", str(steps), *AE_ARGS]))
+
+
+def train_unet(name: str, steps: int, autoencoder: str) -> None:
+    train_module.train(train_module.parse_args(
+        ["--name", name, "--max-steps", str(steps), "--autoencoder", autoencoder, *UNET_ARGS]))
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_autoencoder_resumes_to_the_weights_of_an_uninterrupted_run(runs):
+    train_autoencoder("straight", 3)
+    train_autoencoder("stopped", 1)
+    train_autoencoder("stopped", 3)  # same command again: resumes from step 1
+    straight, stopped = (torch.load(runs / n / "ckpt.pt", weights_only=False) for n in ("straight", "stopped"))
+    assert straight["step"] == stopped["step"] == 3
+    assert_same_state(straight["model"], stopped["model"])
+    model, _ = load_run("straight")
+    assert model.encode(scene_batch(0, 0, 2)).shape == (2, *LATENT_SHAPE)
+
+
+def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
+    train_autoencoder("ae", 1)
+    train_unet("straight", 3, "ae")
+    train_unet("stopped", 2, "ae")
+    train_unet("stopped", 3, "ae")
+    straight, stopped = (torch.load(runs / n / "ckpt.pt", weights_only=False) for n in ("straight", "stopped"))
+    assert straight["step"] == stopped["step"] == 3
+    for part in ("unet", "ema", "autoencoder"):
+        assert_same_state(straight[part], stopped[part])
+    assert straight["model_config"]["attention_levels"] == 1
+
+    weights = train_module.export(runs / "straight", "latent")
+    model = load_model(weights)
+    assert model.latent_shape == LATENT_SHAPE and model.meta["latent"]["kind"] == "autoencoder"
+    down = [type(block).__name__ for block in model.unet.down_blocks]
+    assert down == ["CrossAttnDownBlock2D", "DownBlock2D"]  # SD's layout: no cross-attention at the lowest level
+    images = model.decode(model.sample(["a red circle and a blue square"], ElaConfig(), [0], num_steps=2).latents)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    scene = training_scene(3)
+    assert model.encode(scene.image[None]).shape == (1, *LATENT_SHAPE)
+
+
+def test_scaled_scene_is_the_judges_scene_supersampled():
+    small, large = training_scene(11), training_scene(11, SCALE)
+    assert large.image.shape == (32 * SCALE, 32 * SCALE, 3)
+    pooled = to_judge(torch.as_tensor(large.image).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    assert np.abs(pooled.astype(int) - small.image).max() <= 1
+    for a, b in zip(small.objects, large.objects):
+        assert (a.mask == b.mask).all() and a.bbox == b.bbox
