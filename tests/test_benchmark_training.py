@@ -72,6 +72,7 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
     weights = train_module.export(runs / "straight", "latent")
     model = load_model(weights)
     assert model.latent_shape == LATENT_SHAPE and model.meta["latent"]["kind"] == "autoencoder"
+    assert not model.scheduler_config["clip_sample"]  # a learned latent is not image-valued
     down = [type(block).__name__ for block in model.unet.down_blocks]
     assert down == ["CrossAttnDownBlock2D", "DownBlock2D"]  # SD's layout: no cross-attention at the lowest level
     images = model.decode(model.sample(["a red circle and a blue square"], ElaConfig(), [0], num_steps=2).latents)

@@ -46,13 +46,15 @@ PIXEL_UNSHUFFLE_SHAPE = (12, 16, 16)  # the bundled design's latent of a 32x32 i
 # keeps so little signal mid-way (alpha_bar(600) = 0.03 against SD's 0.18) that the layout forms late.
 # clip_sample (x0 estimate clipped to [-1, 1] while sampling; training ignores it) keeps the first,
 # nearly pure-noise DDIM steps from derailing: without it the linear schedule's samples ended as noise.
+# It is for image-valued latents only: a learned latent has unit variance and no [-1, 1] range, and SD
+# samples its latents unclipped.
 SCHEDULES = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
 
 
-def scheduler_config(beta_schedule: str = "scaled_linear") -> dict:
+def scheduler_config(beta_schedule: str = "scaled_linear", clip_sample: bool = True) -> dict:
     start, end = SCHEDULES[beta_schedule]
     return {"num_train_timesteps": 1000, "beta_schedule": beta_schedule, "beta_start": start,
-            "beta_end": end, "prediction_type": "epsilon", "clip_sample": True}
+            "beta_end": end, "prediction_type": "epsilon", "clip_sample": clip_sample}
 
 
 @dataclass

@@ -157,7 +157,7 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     args = ckpt["args"]
     out.with_suffix(".json").write_text(json.dumps({
         "model_config": ckpt["model_config"], "latent": latent,
-        "scheduler_config": scheduler_config(args.get("beta_schedule", "linear")),
+        "scheduler_config": scheduler_config(args.get("beta_schedule", "linear"), clip_sample=latent == DEFAULT_LATENT),
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
         "train_args": args, "command": ckpt["command"],
         "export_command": f"python -m benchmark.models.train --name {args['name']} --export --export-name {stem}",
