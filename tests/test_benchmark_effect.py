@@ -110,7 +110,7 @@ def test_run_key_without_a_lora_is_the_key_cached_runs_were_stored_under(tmp_pat
 def _tiny_lora(path: Path) -> Path:
     """A rank-2 LoRA on every cross-attention key projection of the bundled model, as a kohya file."""
     generator = torch.Generator().manual_seed(0)
-    unet = load_model(BUNDLED_WEIGHTS)[0]
+    unet = load_model(BUNDLED_WEIGHTS).unet
     deltas = {name: (torch.randn(2, module.in_features, generator=generator) * 0.3,
                      torch.randn(module.out_features, 2, generator=generator) * 0.3, 2.0)
               for name, module in unet.named_modules() if name.endswith("attn2.to_k")}

@@ -6,15 +6,14 @@ import json
 import torch
 
 from benchmark.commands.finetune import main
-from benchmark.models.model import LATENT_CHANNELS, LATENT_SIZE, load_model
+from benchmark.models.model import load_model
 from benchmark.paths import BUNDLED_WEIGHTS
 from ela_ext.lora_file import merged_lora, read_lora, read_metadata
 
 
-def _prediction(unet, context):
-    x_t = torch.randn(1, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+def _prediction(model, context):
     with torch.no_grad():
-        return unet(x_t, 500, encoder_hidden_states=context).sample
+        return model.unet(model.initial_noise([0]), 500, encoder_hidden_states=context).sample
 
 
 def test_finetune_writes_a_lora_the_bundled_model_takes(tmp_path):
@@ -28,15 +27,15 @@ def test_finetune_writes_a_lora_the_bundled_model_takes(tmp_path):
     keys = read_lora(out)
     assert keys and all(key.startswith("lora_unet_") and key.endswith(("_to_k", "_to_v")) for key in keys)
 
-    unet, text_encoder, tokenizer, _ = load_model(BUNDLED_WEIGHTS)
-    context = text_encoder(tokenizer(["a red square and a blue star"], padding="max_length", max_length=77,
-                                     return_tensors="pt").input_ids)[0]
-    plain = _prediction(unet, context)
-    with merged_lora(unet, out, 1.0) as merged:
+    model = load_model(BUNDLED_WEIGHTS)
+    context = model.text_encoder(model.tokenizer(["a red square and a blue star"], padding="max_length", max_length=77,
+                                                 return_tensors="pt").input_ids)[0]
+    plain = _prediction(model, context)
+    with merged_lora(model.unet, out, 1.0) as merged:
         assert len(merged) == len(keys)
-        tuned = _prediction(unet, context)
+        tuned = _prediction(model, context)
     assert not torch.equal(plain, tuned)
-    assert torch.equal(plain, _prediction(unet, context))
+    assert torch.equal(plain, _prediction(model, context))
 
 
 def test_finetune_paper_recipe_trains_keys_on_noise(tmp_path):

@@ -1,11 +1,13 @@
 """Benchmark model: real CLIP token ids, SD's layout with an anchorable up-block, exact latent codec,
-caption-independent EOS columns, and (when committed weights exist) deterministic sampling."""
+caption-independent EOS columns, and (when committed weights exist) the loaded ``BenchmarkModel``: its
+latent named by the JSON, its codec and seeded noise, deterministic sampling."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pathlib import Path
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,10 +17,12 @@ torch.set_num_threads(1)
 
 from benchmark.models.attention import anchor_layers
 from benchmark.models.clip_tokenizer import BOS_ID, EOS_ID, encode, load_tokenizer
-from benchmark.models.model import ModelConfig, build_model, decode, encode_images, initial_noise, load_model
+from benchmark.models.model import ModelConfig, build_model, decode_images, encode_images, load_model
 from benchmark.models.scenes import training_scene
+from benchmark.paths import BUNDLED_WEIGHTS
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "benchmark" / "weights" / "model.safetensors"
+needs_weights = pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason="no committed weights: export with "
+                                   "`python -m benchmark.models.train --name RUN --export`")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def test_latent_codec_is_exact():
     images = np.stack([training_scene(s).image for s in range(3)])
     latents = encode_images(images)
     assert latents.shape == (3, 12, 16, 16)
-    assert np.array_equal(decode(latents), images)
+    assert np.array_equal(decode_images(latents), images)
 
 
 def test_model_layout_and_forward(tokenizer):
@@ -62,20 +66,45 @@ def test_eos_and_padding_columns_carry_no_caption(tokenizer):
     assert not torch.allclose(context[0, 2], context[1, 2])  # word columns differ
 
 
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="no committed weights: export with "
-                    "`python -m benchmark.models.train --name RUN --export`")
+@needs_weights
+def test_loaded_model_round_trips_images_and_seeds_noise_by_latent_shape():
+    model = load_model(BUNDLED_WEIGHTS)
+    assert model.latent_shape == (12, 16, 16) and model.weights_path == BUNDLED_WEIGHTS
+    assert model.meta["step"] > 0 and "latent" not in model.meta  # the bundled file predates latent kinds
+    images = np.stack([training_scene(s).image for s in range(3)])
+    latents = model.encode(images)
+    assert latents.shape == (3, *model.latent_shape)
+    decoded = model.decode(latents)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, images)
+    noise = model.initial_noise([5, 6, 7])
+    assert noise.shape == (3, *model.latent_shape)
+    assert torch.equal(noise[1:], model.initial_noise([6, 7]))  # one latent per seed, whatever the batch
+    # the noise every reported result was sampled from: a change here changes every table
+    assert torch.equal(noise[0], torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(5)))
+
+
+@needs_weights
+def test_weights_json_names_the_latent_kind(tmp_path):
+    meta = json.loads(BUNDLED_WEIGHTS.with_suffix(".json").read_text())
+    weights = tmp_path / "model.safetensors"
+    shutil.copyfile(BUNDLED_WEIGHTS, weights)
+    weights.with_suffix(".json").write_text(json.dumps({**meta, "latent": {"kind": "pixel_unshuffle"}}))
+    assert load_model(weights).latent_shape == (12, 16, 16)
+    weights.with_suffix(".json").write_text(json.dumps({**meta, "latent": {"kind": "no_such_latent"}}))
+    with pytest.raises(ValueError, match="no_such_latent"):
+        load_model(weights)
+
+
+@needs_weights
 def test_committed_weights_sample_deterministically():
-    from diffusers import DDIMScheduler
     from ela_ext.config import ElaConfig
-    from ela_ext.diffusers_adapter import sample
-    unet, text_encoder, tok, scheduler_config = load_model(WEIGHTS)
+    model = load_model(BUNDLED_WEIGHTS)
     prompts = ["a red circle and a blue square", "a star and a triangle"]
 
     def images(eta):
-        latents = sample(unet, text_encoder, tok, DDIMScheduler(**scheduler_config), prompts, ElaConfig(),
-                         initial_noise([7, 8]), num_steps=4, generator=torch.Generator().manual_seed(7),
-                         step_options={"eta": eta}).latents
-        return decode(latents)
+        latents = model.sample(prompts, ElaConfig(), [7, 8], num_steps=4, generator=torch.Generator().manual_seed(7),
+                               step_options={"eta": eta}).latents
+        return model.decode(latents)
 
     a, b = images(0.0), images(0.0)
     assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8

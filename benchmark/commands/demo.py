@@ -3,7 +3,7 @@ pure ELA (Eq. 7), side by side, plus the defaults' mask grid of the first seed, 
 minute on a CPU). The prompt is the test set's first and the seeds the first six: nothing picked.
 
     python -m benchmark.commands.demo [--prompt "a circle and a square"] [--seeds 0,1,2,3]
-                             [--out outputs/ela-demo.png]
+                                      [--out outputs/ela-demo.png]
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ela_ext.config import ElaConfig, replace
-from ela_ext.diffusers_adapter import sample
 
 from ..judge.evaluate import evaluate
 from ..judge.families import family_prompts
-from ..models.model import decode, initial_noise, load_model
+from ..models.model import load_model
 from ..models.scenes import parse_prompt
 from ..paths import BUNDLED_WEIGHTS
 from .effect import parse_seeds
@@ -56,9 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/ela-demo.png"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from diffusers import DDIMScheduler
-
-    unet, text_encoder, tokenizer, scheduler_config = load_model(args.weights)
+    model = load_model(args.weights)
     seeds = parse_seeds(args.seeds)
     rows, objects = [], parse_prompt(args.prompt)
     session = None
@@ -66,9 +63,8 @@ def main(argv=None) -> None:
     rows_to_make = (("off", replace(defaults, enabled=False)), (f"{defaults.objective}", defaults),
                     ("ela (Eq. 7)", replace(defaults, objective="ela")))
     for title, config in rows_to_make:
-        result = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [args.prompt] * len(seeds),
-                        config, initial_noise(seeds), num_steps=args.steps)
-        images = decode(result.latents)
+        result = model.sample([args.prompt] * len(seeds), config, seeds, num_steps=args.steps)
+        images = model.decode(result.latents)
         labels = [verdict(evaluate(image, objects).status) for image in images]
         print(f"{title}: " + ", ".join(f"seed {seed} {label}" for seed, label in zip(seeds, labels)))
         rows.append(labelled_row(images, labels, title))

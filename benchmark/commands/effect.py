@@ -2,11 +2,11 @@
 each objective, and with a random-direction control, judged by the exact evaluator.
 
     python -m benchmark.commands.effect [--families held_out,seen,three[,single]] [--prompts-per-family 16]
-                               [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
-                               [--settings off,default,random,ela,attend_excite,...]
-                               [--json] [--workers 2] [--cache runs/effect]
-                               [--lora FILE [--lora-strength 1.0] [--plain-off]]
-                               [engine settings, e.g. --lambda 0.3]
+                                        [--prompt-seed 0] [--seeds 16 | 0,1,2] [--prompts FILE]
+                                        [--settings off,default,random,ela,attend_excite,...]
+                                        [--json] [--workers 2] [--cache runs/effect]
+                                        [--lora FILE [--lora-strength 1.0] [--plain-off]]
+                                        [engine settings, e.g. --lambda 0.3]
 
 Settings: ``off``; ``default`` (the engine's config, with any overrides given); ``random`` (that
 config, but each update in a random direction); or an objective's name (the config with that
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ela_ext.config import OBJECTIVE_NAMES, ElaConfig, replace
-from ela_ext.diffusers_adapter import prompt_targets, sample
+from ela_ext.diffusers_adapter import prompt_targets
 from ela_ext.entities import EntitySpecError
 from ela_ext.lora_file import merged_lora
 
@@ -56,7 +56,7 @@ from ..judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, eva
 from ..judge.families import FAMILIES, FILES, SINGLE, family_prompts
 from ..judge.metrics import (Centroid, centroid, centroid_shifts, clean_objects, kept_rate, localisation_iou,
                              pixel_change)
-from ..models.model import decode, initial_noise, load_model
+from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import parse_prompt
 from ..paths import BUNDLED_WEIGHTS
 
@@ -129,27 +129,23 @@ def anchorable(tokenizer: Any, prompt: str, config: ElaConfig) -> bool:
     return True
 
 
-def run_prompt(model: tuple, prompt_index: int, prompt: str, seeds: Sequence[int], setting: str,
+def run_prompt(model: BenchmarkModel, prompt_index: int, prompt: str, seeds: Sequence[int], setting: str,
                config: ElaConfig, steps: int, guidance: float) -> SettingResult:
     """One prompt for all seeds in one batch, judged image by image; ``seconds`` is the sampling
     time. The random control's directions are seeded by the prompt's index. A prompt the engine
     cannot anchor is sampled plain, as the WebUI does after its warning."""
-    from diffusers import DDIMScheduler
-
-    unet, text_encoder, tokenizer, scheduler_config = model
     run_config, direction = setting_config(setting, config)
-    if direction is not None and not anchorable(tokenizer, prompt, run_config):
+    if direction is not None and not anchorable(model.tokenizer, prompt, run_config):
         run_config, direction = replace(run_config, enabled=False), None
     options = ({"direction": "random", "generator": torch.Generator().manual_seed(prompt_index)}
                if direction == "random" else None)
     start = time.perf_counter()
-    sampled = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
-                     run_config, initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
-                     loop_options=options)
+    sampled = model.sample([prompt] * len(seeds), run_config, seeds, num_steps=steps, guidance_scale=guidance,
+                           loop_options=options)
     result = SettingResult(setting, seconds=time.perf_counter() - start)
     objects = parse_prompt(prompt)
     anchored = sampled.session.steps if sampled.session is not None else []
-    for row, image in enumerate(decode(sampled.latents)):
+    for row, image in enumerate(model.decode(sampled.latents)):
         report = evaluate(image, objects)
         result.statuses.append(report.status)
         result.images.append(image)
@@ -172,15 +168,15 @@ class Lora:
         return hashlib.sha256(self.path.read_bytes()).hexdigest(), self.strength
 
 
-def load_with_lora(weights: Path, lora: Optional[Lora], stack: ExitStack) -> tuple:
-    """The bundled model, with ``lora`` merged into its weights while ``stack`` is open."""
+def load_with_lora(weights: Path, lora: Optional[Lora], stack: ExitStack) -> BenchmarkModel:
+    """The model in ``weights``, with ``lora`` merged into its weights while ``stack`` is open."""
     model = load_model(weights)
     if lora is not None:
-        stack.enter_context(merged_lora(model[0], lora.path, lora.strength))
+        stack.enter_context(merged_lora(model.unet, lora.path, lora.strength))
     return model
 
 
-_worker_model: Optional[tuple] = None
+_worker_model: Optional[BenchmarkModel] = None
 _worker_stack = ExitStack()  # a worker's LoRA stays merged for the process's life
 
 
@@ -202,8 +198,8 @@ def worker_pool(weights: Path, workers: int, lora: Optional[Lora] = None) -> Pro
 
 
 @contextmanager
-def sampling_backend(weights: Path, workers: int,
-                     lora: Optional[Lora] = None) -> Iterator[tuple[Optional[tuple], Optional[ProcessPoolExecutor]]]:
+def sampling_backend(weights: Path, workers: int, lora: Optional[Lora] = None
+                     ) -> Iterator[tuple[Optional[BenchmarkModel], Optional[ProcessPoolExecutor]]]:
     """``(model, None)`` loaded in this process for one worker, else ``(None, pool)`` of ``workers``
     processes, shut down on exit: the two arguments ``run_setting`` takes; ``lora`` merged in either."""
     if workers <= 1:
@@ -214,7 +210,7 @@ def sampling_backend(weights: Path, workers: int,
             yield None, pool
 
 
-def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[int], setting: str,
+def run_setting(model: Optional[BenchmarkModel], prompts: Sequence[str], seeds: Sequence[int], setting: str,
                 config: ElaConfig, steps: int, guidance: float,
                 pool: Optional[ProcessPoolExecutor] = None) -> SettingResult:
     """Sample every prompt for all seeds and evaluate each image, in this process with ``model`` or
@@ -224,7 +220,7 @@ def run_setting(model: Optional[tuple], prompts: Sequence[str], seeds: Sequence[
     return run_jobs(model, jobs, setting, pool)
 
 
-def run_jobs(model: Optional[tuple], jobs: Sequence[tuple], setting: str,
+def run_jobs(model: Optional[BenchmarkModel], jobs: Sequence[tuple], setting: str,
              pool: Optional[ProcessPoolExecutor] = None) -> SettingResult:
     """``run_prompt``'s argument tuples (after the model), here or in ``pool``, pooled in order."""
     outputs = pool.map(_run_prompt_in_worker, jobs) if pool is not None else (run_prompt(model, *job) for job in jobs)

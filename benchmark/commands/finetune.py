@@ -2,7 +2,7 @@
 the LoRA file the WebUIs and ComfyUI load (``ela_ext.lora_file``).
 
     python -m benchmark.commands.finetune [--out benchmark/weights/compositional_lora.safetensors]
-                                 [--inputs noise|anchored] [--steps 400] [--lr 1e-3] [--rank 4] ...
+                                          [--inputs noise|anchored] [--steps 400] [--lr 1e-3] [--rank 4] ...
 
 Training prompts are of the training distribution with the held-out pairings excluded (the
 ``seen`` family's generator, a set disjoint from the reported prompts), so that the held-out
@@ -37,7 +37,7 @@ from ela_ext.finetune import FinetuneConfig, TrainingPrompt, train_key_projectio
 from ela_ext.lora_file import save_lora
 
 from ..judge.families import family_prompts
-from ..models.model import LATENT_CHANNELS, LATENT_SIZE, encode_images, load_model
+from ..models.model import BenchmarkModel, load_model
 from ..paths import BUNDLED_WEIGHTS, WEIGHTS_DIR
 from .effect import cached_run_setting, run_key, run_setting
 
@@ -45,32 +45,31 @@ DEFAULT_OUT = WEIGHTS_DIR / "compositional_lora.safetensors"
 STEPS, GUIDANCE = 20, 5.0  # the effect benchmark's sampling
 
 
-def anchored_images(model: tuple, prompts: Sequence[str], seeds: Sequence[int], weights: Path,
+def anchored_images(model: BenchmarkModel, prompts: Sequence[str], seeds: Sequence[int],
                     cache: Optional[Path]) -> list[tuple[str, torch.Tensor]]:
     """(prompt, latent) for every image the default anchoring draws right (the evaluator's verdict);
     the sampled setting is kept in ``cache`` as ``benchmark.commands.effect`` keeps its settings."""
-    key = run_key(prompts, seeds, "default", ElaConfig(), STEPS, GUIDANCE, weights)
+    key = run_key(prompts, seeds, "default", ElaConfig(), STEPS, GUIDANCE, model.weights_path)
     result = cached_run_setting(cache, key, lambda: run_setting(model, prompts, seeds, "default", ElaConfig(),
                                                                  STEPS, GUIDANCE))
     pairs = []
     for index, (image, correct) in enumerate(zip(result.images, result.correct)):
         if correct:
-            pairs.append((prompts[index // len(seeds)], encode_images(image[None])[0]))
+            pairs.append((prompts[index // len(seeds)], model.encode(image[None])[0]))
     return pairs
 
 
-def training_prompts(model: tuple, args: argparse.Namespace) -> list[TrainingPrompt]:
+def training_prompts(model: BenchmarkModel, args: argparse.Namespace) -> list[TrainingPrompt]:
     """The training set: prompts with their entity columns, and images when training on images."""
-    unet, text_encoder, tokenizer, _ = model
     prompts = family_prompts("seen", args.prompt_seed, args.prompts)
     if args.inputs == "noise":
         pairs = [(prompt, None) for prompt in prompts]
     else:
         seeds = list(range(args.sample_seed, args.sample_seed + args.sample_seeds))
-        pairs = anchored_images(model, prompts, seeds, args.weights, args.cache)
+        pairs = anchored_images(model, prompts, seeds, args.cache)
         if not pairs:
             raise SystemExit("anchoring drew no training prompt right: no images to train on")
-    targets = prompt_targets(tokenizer, [prompt for prompt, _ in pairs], [""] * len(pairs))
+    targets = prompt_targets(model.tokenizer, [prompt for prompt, _ in pairs], [""] * len(pairs))
     return [TrainingPrompt(prompt, target, latent) for (prompt, latent), target in zip(pairs, targets)]
 
 
@@ -116,16 +115,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(1)
     config = finetune_config(args)
     model = load_model(args.weights)
-    unet, text_encoder, tokenizer, scheduler_config = model
     from diffusers import DDIMScheduler
 
     start = time.perf_counter()
     prompts = training_prompts(model, args)
     print(f"{len(prompts)} training examples", flush=True)
     result = train_key_projections(
-        unet, lambda x_t, t, context: unet(x_t, t, encoder_hidden_states=context).sample,
-        lambda texts: encode(tokenizer, text_encoder, texts), prompts,
-        DDIMScheduler(**scheduler_config).alphas_cumprod, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), config,
+        model.unet, lambda x_t, t, context: model.unet(x_t, t, encoder_hidden_states=context).sample,
+        lambda texts: encode(model.tokenizer, model.text_encoder, texts), prompts,
+        DDIMScheduler(**model.scheduler_config).alphas_cumprod, model.latent_shape, config,
         progress=lambda step, steps, loss: print(f"step {step}/{steps} loss {loss:.4f}", flush=True)
         if step % 50 == 0 or step == steps else None)
     seconds = time.perf_counter() - start

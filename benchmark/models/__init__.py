@@ -1,1 +1,1 @@
-"""The benchmark's models and their training: scenes and captions, the tokenizer, the tiny SD-layout model, its anchor layers."""
+"""The benchmark's models and their training: scenes, the tokenizer, the tiny SD-layout model, its anchor layers."""

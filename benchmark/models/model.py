@@ -1,6 +1,8 @@
-"""The benchmark's tiny text-to-image model: SD's UNet layout on a pixel-unshuffled 12x16x16 "latent".
+"""The benchmark's tiny text-to-image models: SD's UNet layout, loaded as one ``BenchmarkModel``.
 
-Image 3x32x32 in [-1, 1] -> pixel_unshuffle(2) -> 12x16x16; decoding is the exact inverse, so there is
+Every command takes any benchmark model through ``load_model``, which reads the weights' JSON for the
+model's latent (``LATENT_KINDS``). The bundled model's latent is the image itself, pixel-unshuffled:
+image 3x32x32 in [-1, 1] -> pixel_unshuffle(2) -> 12x16x16; decoding is the exact inverse, so there is
 no VAE to train. The UNet has cross-attention at 16x16 and 8x8 in both paths and in the middle block;
 the lowest-resolution up-block (``up_blocks.0``, 8x8) has cross-attention, which is where the engine
 anchors ("the lowest-resolution up-block with cross-attention").
@@ -22,19 +24,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ela_ext.config import ElaConfig
+from ela_ext.diffusers_adapter import SampleResult, sample
+
 from .clip_tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, load_tokenizer
 
-LATENT_CHANNELS, LATENT_SIZE = 12, 16
+PIXEL_UNSHUFFLE_SHAPE = (12, 16, 16)  # the bundled design's latent of a 32x32 image
 # SD's schedule (scaled_linear, 0.00085..0.012) by default, so that sampling's time course is SD's:
 # the layout is decided in the first steps, where ELA acts. DDPM's pixel-space "linear" schedule
 # keeps so little signal mid-way (alpha_bar(600) = 0.03 against SD's 0.18) that the layout forms late.
@@ -91,48 +96,122 @@ class EntityTextEncoder(nn.Module):
         return (hidden,)
 
 
-def build_unet(config: ModelConfig) -> UNet2DConditionModel:
+def build_unet(config: ModelConfig, latent_shape: tuple[int, int, int] = PIXEL_UNSHUFFLE_SHAPE) -> UNet2DConditionModel:
+    channels, size, _ = latent_shape
     n = len(config.block_channels)
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=size, in_channels=channels, out_channels=channels,
         block_out_channels=config.block_channels, layers_per_block=config.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
         cross_attention_dim=config.text_hidden, attention_head_dim=config.unet_heads,
         norm_num_groups=16)
 
 
-def build_model(config: ModelConfig, seed: int = 0) -> tuple[UNet2DConditionModel, EntityTextEncoder]:
+def build_model(config: ModelConfig, seed: int = 0, latent_shape: tuple[int, int, int] = PIXEL_UNSHUFFLE_SHAPE
+                ) -> tuple[UNet2DConditionModel, EntityTextEncoder]:
     torch.manual_seed(seed)
-    return build_unet(config), EntityTextEncoder(config)
+    return build_unet(config, latent_shape), EntityTextEncoder(config)
 
 
 def encode_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> (B, 12, H/2, W/2) in [-1, 1]: the model's latent."""
+    """uint8 (B, H, W, 3) -> (B, 12, H/2, W/2) in [-1, 1]: the bundled design's pixel-unshuffled latent."""
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return F.pixel_unshuffle(x, 2)
 
 
-def decode(latents: torch.Tensor) -> np.ndarray:
-    """(B, 12, h, w) latent -> uint8 (B, 2h, 2w, 3) images; exact inverse of ``encode_images``."""
+def decode_images(latents: torch.Tensor) -> np.ndarray:
+    """(B, 12, h, w) pixel-unshuffled latent -> uint8 (B, 2h, 2w, 3) images; exact inverse of ``encode_images``."""
     x = F.pixel_shuffle(latents.detach().float().cpu(), 2)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def load_model(weights_path: Path | str):
-    """(unet, text_encoder, tokenizer, scheduler_config) from an exported ``.safetensors`` file and the
-    ``.json`` beside it; modules in float32, eval mode, no gradients."""
+class LatentCodec(Protocol):
+    """A model's way between the judge's images and its latents. ``encode``: uint8 (B, 32, 32, 3) ->
+    (B, *shape); ``decode``: the reverse, at the judge's 32 px whatever resolution the latent stands for."""
+
+    shape: tuple[int, int, int]
+
+    def encode(self, images: np.ndarray) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...
+
+
+class PixelUnshuffleLatent:
+    """The bundled design's latent: the 32x32 image itself, pixel-unshuffled to 12x16x16 (exact both ways)."""
+
+    shape = PIXEL_UNSHUFFLE_SHAPE
+
+    @classmethod
+    def load(cls, entry: dict, state: dict[str, torch.Tensor]) -> "PixelUnshuffleLatent":
+        return cls()  # nothing to read: the latent has no weights and no settings
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        return encode_images(images)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return decode_images(latents)
+
+
+# The hook for a new kind of latent: the weights' JSON names it in ``"latent": {"kind": ...}`` (absent:
+# the pixel-unshuffle latent, which every file exported before latents had kinds means). A kind maps to
+# a loader ``(entry, state) -> LatentCodec``: ``entry`` is that JSON object, ``state`` every tensor of
+# the weights file (a learned latent's loader takes its own, e.g. those under ``autoencoder.``).
+DEFAULT_LATENT = {"kind": "pixel_unshuffle"}
+LATENT_KINDS: dict[str, Callable[[dict, dict[str, torch.Tensor]], LatentCodec]] = {
+    "pixel_unshuffle": PixelUnshuffleLatent.load,
+}
+
+
+@dataclass
+class BenchmarkModel:
+    """A loaded benchmark model, whatever its latent: what sampling needs (``unet``, ``text_encoder``,
+    ``tokenizer``, ``scheduler_config``) and the way between the judge's 32 px images and its latents,
+    so that every command takes any benchmark model. ``meta`` is the weights' JSON."""
+
+    unet: UNet2DConditionModel
+    text_encoder: EntityTextEncoder
+    tokenizer: Any
+    scheduler_config: dict
+    latent_shape: tuple[int, int, int]
+    weights_path: Path
+    meta: dict
+    latent: LatentCodec
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, *latent_shape) -> uint8 (B, 32, 32, 3) images at the judge's resolution."""
+        return self.latent.decode(latents)
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 32, 32, 3) images -> (B, *latent_shape) latents."""
+        return self.latent.encode(images)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """One latent per seed, independent of batching: the pairing of off and on rests on it."""
+        return torch.stack([torch.randn(*self.latent_shape, generator=torch.Generator().manual_seed(seed))
+                            for seed in seeds])
+
+    def sample(self, prompts: Sequence[str], config: ElaConfig, seeds: Sequence[int], **options: Any) -> SampleResult:
+        """One image per (prompt, seed) pair from ``initial_noise(seeds)``, by DDIM through the engine the
+        WebUI script uses (``ela_ext.diffusers_adapter.sample``; ``options`` go to it)."""
+        return sample(self.unet, self.text_encoder, self.tokenizer, DDIMScheduler(**self.scheduler_config),
+                      list(prompts), config, self.initial_noise(seeds), **options)
+
+
+def load_model(weights_path: Path | str) -> BenchmarkModel:
+    """The model in an exported ``.safetensors`` file and the ``.json`` beside it, with the latent the
+    JSON names (``LATENT_KINDS``); modules in float32, eval mode, no gradients."""
     weights_path = Path(weights_path)
     meta = json.loads(weights_path.with_suffix(".json").read_text())
-    unet, text_encoder = build_model(ModelConfig.from_dict(meta["model_config"]))
+    latent_entry = meta.get("latent", DEFAULT_LATENT)
+    if latent_entry["kind"] not in LATENT_KINDS:
+        raise ValueError(f"{weights_path.with_suffix('.json')}: unknown latent kind {latent_entry['kind']!r} "
+                         f"(known: {', '.join(LATENT_KINDS)})")
     state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+    latent = LATENT_KINDS[latent_entry["kind"]](latent_entry, state)
+    unet, text_encoder = build_model(ModelConfig.from_dict(meta["model_config"]), latent_shape=tuple(latent.shape))
     unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
-    return unet, text_encoder, load_tokenizer(), dict(meta["scheduler_config"])
-
-
-def initial_noise(seeds: Sequence[int]) -> torch.Tensor:
-    """One latent per seed, independent of batching: the pairing of off and on rests on it."""
-    return torch.stack([torch.randn(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE,
-                                    generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    return BenchmarkModel(unet, text_encoder, load_tokenizer(), dict(meta["scheduler_config"]), tuple(latent.shape),
+                          weights_path, meta, latent)

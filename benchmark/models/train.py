@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..paths import RUNS_DIR, WEIGHTS_DIR
 from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
-from .model import ModelConfig, SCHEDULES, build_model, encode_images, scheduler_config
+from .model import DEFAULT_LATENT, ModelConfig, SCHEDULES, build_model, encode_images, scheduler_config
 from .scenes import training_scene
 
 
@@ -136,7 +136,7 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     save_file({k: v.half().contiguous() for k, v in ckpt["ema"].items()}, str(out))
     args = ckpt["args"]
     out.with_suffix(".json").write_text(json.dumps({
-        "model_config": ckpt["model_config"],
+        "model_config": ckpt["model_config"], "latent": DEFAULT_LATENT,  # this design: pixel-unshuffled images
         "scheduler_config": scheduler_config(args.get("beta_schedule", "linear")),
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
         "train_args": args, "command": ckpt["command"],

@@ -1,1 +1,1 @@
-"""One-off studies behind the README's choices (kept images, loss against outcome, mask quality, sweeps, costs, localisation)."""
+"""One-off studies behind the README's choices: kept images, loss against outcome, masks, sweeps, costs, the gate."""

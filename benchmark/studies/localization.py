@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from ela_ext.config import ElaConfig
-from ela_ext.diffusers_adapter import sample
 
 from ..judge.evaluate import MERGED, MISSING, evaluate
 from ..models.attention import AttentionRecorder, anchor_layers
 from ..models.clip_tokenizer import encode
-from ..models.model import decode, encode_images, initial_noise, load_model
+from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import held_out_prompts, prompt_text, training_scene
 from ..models.train import export
-from ..paths import RUNS_DIR
+from ..paths import BUNDLED_WEIGHTS, RUNS_DIR
 
 
 def word_column(tokenizer, prompt: str, word: str) -> int:
@@ -43,10 +42,10 @@ def word_column(tokenizer, prompt: str, word: str) -> int:
     return ids.index(tokenizer(word)["input_ids"][1])
 
 
-def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, seed=0, steps=20,
+def measure(model: BenchmarkModel, prompts_objects, seed=0, steps=20,
             guidance=5.0, eta=0.0, at=0.4, batch=32, grid_path: Path | None = None) -> dict:
     """Sample ``prompts_objects`` and report failure rates and own/other attention mass ratios."""
-    recorder = AttentionRecorder(anchor_layers(unet))
+    recorder = AttentionRecorder(anchor_layers(model.unet))
     capture_step = int(at * steps)
     masses = {"shape": [], "colour": []}  # (own, other) pairs
     status, images_ok = Counter(), 0
@@ -63,11 +62,10 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                     captured["maps"] = recorder.take()
 
             seeds = range(seed + start, seed + start + len(chunk))
-            latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), prompts,
-                             ElaConfig(), initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
+            latents = model.sample(prompts, ElaConfig(), seeds, num_steps=steps, guidance_scale=guidance,
                              generator=torch.Generator().manual_seed(seed + start),
                              step_options={"eta": eta}, on_step=on_step).latents
-            images = decode(latents)
+            images = model.decode(latents)
             all_images.append(images)
             maps = captured["maps"][:len(chunk)]  # conditional rows
             side = int(round(maps.shape[1] ** 0.5))
@@ -84,7 +82,7 @@ def measure(unet, text_encoder, tokenizer, scheduler_config, prompts_objects, se
                     if None in words:
                         continue
                     for j, word in enumerate(words):
-                        column = amap[:, word_column(tokenizer, prompt, word)]
+                        column = amap[:, word_column(model.tokenizer, prompt, word)]
                         own, other = float(column @ pooled[j]), float(column @ pooled[1 - j])
                         masses[kind].append((own, other))
     finally:
@@ -109,7 +107,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
 
 
 @torch.no_grad()
-def measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=64, timestep=600, seed=0) -> dict:
+def measure_on_renders(model: BenchmarkModel, n=64, timestep=600, seed=0) -> dict:
     """The same ratio with the layout given: noise rendered two-object training-distribution scenes to
     ``timestep``, run the conditional UNet once, and use the ground-truth masks. Needs no successful
     sampling, so it tells early in training whether the word columns localise at all."""
@@ -118,14 +116,15 @@ def measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=64, ti
         scene = training_scene(rng.randrange(10**9))
         if len(scene.objects) == 2:
             scenes.append(scene)
-    recorder = AttentionRecorder(anchor_layers(unet))
-    latents = encode_images(np.stack([s.image for s in scenes]))
+    recorder = AttentionRecorder(anchor_layers(model.unet))
+    latents = model.encode(np.stack([s.image for s in scenes]))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     t = torch.full((n,), timestep)
-    noisy = DDPMScheduler(**scheduler_config).add_noise(latents, noise, t)
+    noisy = DDPMScheduler(**model.scheduler_config).add_noise(latents, noise, t)
     recorder.armed = True
     try:
-        unet(noisy, t, encoder_hidden_states=text_encoder(encode(tokenizer, [s.caption for s in scenes]))[0])
+        context = model.text_encoder(encode(model.tokenizer, [s.caption for s in scenes]))[0]
+        model.unet(noisy, t, encoder_hidden_states=context)
         maps = recorder.take()
     finally:
         recorder.remove()
@@ -137,7 +136,7 @@ def measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=64, ti
         named_colours = len(scene.caption.split()) == 7
         for kind in ("shape", "colour") if named_colours else ("shape",):
             for j, obj in enumerate(scene.objects):
-                column = amap[:, word_column(tokenizer, scene.caption, getattr(obj, kind))]
+                column = amap[:, word_column(model.tokenizer, scene.caption, getattr(obj, kind))]
                 masses[kind].append((float(column @ pooled[j]), float(column @ pooled[1 - j])))
     return {f"{kind}_ratio": _ratio_summary(np.asarray(m)) for kind, m in masses.items() if m}
 
@@ -167,7 +166,7 @@ def gate_prompts(kind: str, n: int, seed: int = 0) -> list[list[tuple[str, str |
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run")
-    p.add_argument("--weights")
+    p.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS, help="used without --run")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--prompts", choices=["test", "train"], default="test")
     p.add_argument("--steps", type=int, default=20)
@@ -184,16 +183,15 @@ def main(argv=None) -> None:
         run_dir = RUNS_DIR / args.run
         weights = export(run_dir, "ema", out_dir=run_dir / "export")
     else:
-        weights = Path(args.weights)
-    unet, text_encoder, tokenizer, scheduler_config = load_model(weights)
+        weights = args.weights
+    model = load_model(weights)
     if args.renders:
-        summary = measure_on_renders(unet, text_encoder, tokenizer, scheduler_config, n=args.n,
-                                     timestep=int(1000 * (1 - args.at)), seed=args.seed)
+        summary = measure_on_renders(model, n=args.n, timestep=int(1000 * (1 - args.at)), seed=args.seed)
     else:
-        summary = measure(unet, text_encoder, tokenizer, scheduler_config, gate_prompts(args.prompts, args.n),
+        summary = measure(model, gate_prompts(args.prompts, args.n),
                           seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta, at=args.at,
                           grid_path=args.grid)
-    summary["step"] = json.loads(weights.with_suffix(".json").read_text())["step"]
+    summary["step"] = model.meta["step"]
     summary["prompts"] = args.prompts
     print(json.dumps(summary, indent=1))
 

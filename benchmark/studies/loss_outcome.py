@@ -7,7 +7,7 @@ every step of the window (the engine's own localisation and objectives), judges 
 and prints per step the AUC of "lower loss -> right image" (0.5: no better than chance):
 
     python -m benchmark.studies.loss_outcome [--families seen] [--prompt-seed 3] [--prompts-per-family 24]
-                                     [--seeds 100:148] [--objectives ela_enhance,ela,...]
+                                             [--seeds 100:148] [--objectives ela_enhance,ela,...]
 
 The defaults are ``benchmark.studies.kept``'s development set (1152 images, 19 right off).
 """
@@ -27,7 +27,7 @@ from ela_ext.objectives import OBJECTIVES
 from ..commands.effect import parse_seeds
 from ..judge.evaluate import OK, evaluate
 from ..judge.families import family_prompts
-from ..models.model import load_model
+from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import parse_prompt
 from ..paths import BUNDLED_WEIGHTS
 from .mask_quality import off_trajectory_maps
@@ -43,7 +43,7 @@ def auc_low_is_right(losses: np.ndarray, right: np.ndarray) -> float:
     return float(below + ties / 2)
 
 
-def prompt_losses(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
+def prompt_losses(model: BenchmarkModel, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
                   config: ElaConfig, objectives: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(right off per image, losses (images, anchored steps, objectives)) for one prompt."""
     target, recorded, images = off_trajectory_maps(model, prompt, seeds, steps, guidance, config)

@@ -1,7 +1,7 @@
 """Does the image follow the cross-attention maps on the bundled model? Force them and look.
 
     python -m benchmark.studies.maps_steer [--families held_out,seen] [--prompt-seed 1] [--prompts-per-family 8]
-                                   [--seeds 100:108] [--window 0.3] [--layers all|up_lowest] [--boost 1]
+                                           [--seeds 100:108] [--window 0.3] [--layers all|up_lowest] [--boost 1]
 
 A trained ``to_k`` change can only move where each word's attention goes. Whether that can place
 objects is a property of the model, measured here without any training: during plain sampling
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -27,13 +28,13 @@ from torch import nn
 
 from ela_ext.capture import find_cross_attention_layers, is_cross_attention
 from ela_ext.config import ElaConfig
-from ela_ext.diffusers_adapter import prompt_targets, sample
+from ela_ext.diffusers_adapter import prompt_targets
 from ela_ext.tokens import EntityColumns
 
 from ..commands.effect import parse_seeds
 from ..judge.evaluate import evaluate
 from ..judge.families import family_prompts
-from ..models.model import decode, initial_noise, load_model
+from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import parse_prompt
 from ..paths import BUNDLED_WEIGHTS
 
@@ -102,27 +103,23 @@ def layout_followed(report, count: int) -> bool:
     return True
 
 
-def run(model: tuple, prompts: Sequence[str], seeds: Sequence[int], forced: bool, window: float, layers: str,
+def run(model: BenchmarkModel, prompts: Sequence[str], seeds: Sequence[int], forced: bool, window: float, layers: str,
         floor: float, boost: float, steps: int = 20, guidance: float = 5.0) -> tuple[list[bool], list[bool]]:
     """(right, layout followed) per image, plain sampling with the maps forced or not."""
-    from diffusers import DDIMScheduler
-
-    unet, text_encoder, tokenizer, scheduler_config = model
-    chosen = ([m for name, m in unet.named_modules() if is_cross_attention(name, m)] if layers == "all"
-              else [m for _, m in find_cross_attention_layers(unet, layers)])
+    chosen = ([m for name, m in model.unet.named_modules() if is_cross_attention(name, m)] if layers == "all"
+              else [m for _, m in find_cross_attention_layers(model.unet, layers)])
     right, followed = [], []
     for prompt in prompts:
-        targets = prompt_targets(tokenizer, [prompt] * len(seeds), [""] * len(seeds))
+        targets = prompt_targets(model.tokenizer, [prompt] * len(seeds), [""] * len(seeds))
         processor = LayoutAttention(targets, floor, boost)
 
         def on_step(step_index: int, timestep) -> None:
             processor.active = forced and step_index < window * steps
         with processors(chosen, processor):
-            sampled = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
-                             ElaConfig(), initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
-                             on_step=on_step)
+            sampled = model.sample([prompt] * len(seeds), ElaConfig(), seeds, num_steps=steps, guidance_scale=guidance,
+                                   on_step=on_step)
         objects = parse_prompt(prompt)
-        for image in decode(sampled.latents):
+        for image in model.decode(sampled.latents):
             report = evaluate(image, objects)
             right.append(report.all_ok)
             followed.append(layout_followed(report, len(objects)))
@@ -131,7 +128,7 @@ def run(model: tuple, prompts: Sequence[str], seeds: Sequence[int], forced: bool
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=BUNDLED_WEIGHTS)
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default="held_out,seen")
     parser.add_argument("--prompt-seed", type=int, default=1)
     parser.add_argument("--prompts-per-family", type=int, default=8)

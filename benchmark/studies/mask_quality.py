@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from ela_ext.anchoring import in_window, localize_target
 from ela_ext.config import BINARIZATION_CHOICES, ElaConfig
-from ela_ext.diffusers_adapter import prompt_targets, sample
+from ela_ext.diffusers_adapter import prompt_targets
 from ela_ext.localize import dominance_masks, localize, top_k_mask, word_map
 from ela_ext.tokens import EntityColumns
 
@@ -36,7 +36,7 @@ from ..judge.evaluate import evaluate
 from ..judge.families import FAMILIES, family_prompts
 from ..judge.metrics import localisation_iou
 from ..models.attention import AttentionRecorder, anchor_layers
-from ..models.model import decode, initial_noise, load_model
+from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import parse_prompt
 from ..paths import BUNDLED_WEIGHTS
 
@@ -59,13 +59,12 @@ def variant_masks(maps: torch.Tensor, target, variant: str) -> np.ndarray:
     return localize(entity_maps, no_background, names, "otsu").entity_masks.numpy()
 
 
-def off_trajectory_maps(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
+def off_trajectory_maps(model: BenchmarkModel, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
                         config: ElaConfig) -> tuple[EntityColumns, dict[int, torch.Tensor], np.ndarray]:
     """Sample ``prompt`` with anchoring off and return its entity target, the maps ELA would read at
     each step of ``config``'s window, ``{step: (images, columns, h, w)}``, and the final images."""
-    unet, text_encoder, tokenizer, scheduler_config = model
-    target = prompt_targets(tokenizer, [prompt], [""])[0]
-    recorder = AttentionRecorder(anchor_layers(unet))
+    target = prompt_targets(model.tokenizer, [prompt], [""])[0]
+    recorder = AttentionRecorder(anchor_layers(model.unet))
     recorded: dict[int, torch.Tensor] = {}
 
     def on_step(index: int, _timestep) -> None:
@@ -74,19 +73,18 @@ def off_trajectory_maps(model: tuple, prompt: str, seeds: Sequence[int], steps: 
         recorder.armed = in_window(index, steps, config)
 
     try:
-        latents = sample(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config), [prompt] * len(seeds),
-                         ElaConfig(), initial_noise(seeds), num_steps=steps, guidance_scale=guidance,
-                         on_step=on_step).latents
+        latents = model.sample([prompt] * len(seeds), ElaConfig(), seeds, num_steps=steps, guidance_scale=guidance,
+                               on_step=on_step).latents
     finally:
         recorder.remove()
     spatial = {}
     for step, maps in recorded.items():
         side = int(round(maps.shape[1] ** 0.5))
         spatial[step] = maps.transpose(1, 2).reshape(maps.shape[0], -1, side, side)
-    return target, spatial, decode(latents)
+    return target, spatial, model.decode(latents)
 
 
-def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
+def score_prompt(model: BenchmarkModel, prompt: str, seeds: Sequence[int], steps: int, guidance: float,
                  config: ElaConfig) -> dict[tuple[str, int], list[tuple[Optional[float], float]]]:
     """(variant, anchored step) -> per image (IoU or None, mask share of the map)."""
     target, recorded, images = off_trajectory_maps(model, prompt, seeds, steps, guidance, config)
@@ -104,7 +102,7 @@ def score_prompt(model: tuple, prompt: str, seeds: Sequence[int], steps: int, gu
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(BUNDLED_WEIGHTS))
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--prompts-per-family", type=int, default=8)
     parser.add_argument("--prompt-seed", type=int, default=1)
