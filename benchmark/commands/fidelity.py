@@ -381,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     bundled = given if same else measure(load_model(BUNDLED_WEIGHTS), sizes, parts, progress)
     if args.json:
         print(json.dumps({"weights": str(args.weights), "bundled": str(BUNDLED_WEIGHTS), "sizes": asdict(sizes),
-                          "parts": parts, "model": given, "bundled_model": bundled}, indent=2, default=list))
+                          "parts": parts, "model": given, "bundled_model": bundled}, indent=2))
         return
     print(f"{len(sizes.seeds)} seeds; a-c: {','.join(sizes.steer_families)}, e: {','.join(BLEEDING_FAMILIES)}, "
           f"{sizes.prompts_per_family} prompts each (prompt seed {sizes.prompt_seed}); DDIM {sizes.steps} steps, "
