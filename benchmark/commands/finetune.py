@@ -15,7 +15,7 @@ records the command, the settings, the steps, the losses and the time.
 
 The defaults are the paper's recipe (``to_k`` at rank 4, ``separate_enhance``, noise inputs), the
 committed file's: no variant tried on the development prompts did better (README, "Fine-tuning"),
-and ``benchmark.studies.maps_steer`` says why none of them can on this model.
+and part a of ``benchmark.commands.fidelity`` says why none of them can on this model.
 """
 
 from __future__ import annotations
