@@ -26,14 +26,18 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 
 def text_encoder(sd_model=None):
     """The CLIP-L tokenizer generation uses: SD1/2 ``cond_stage_model``, SDXL
-    ``conditioner.embedders[0]`` (both encoders chunk alike), Forge's text processing engine;
-    with textual-inversion embeddings' vectors made nameable (``embeddings``)."""
+    ``conditioner.embedders[0]`` (both encoders chunk alike), A1111's SD3 CLIP-L/G model
+    (``cond_stage_model.model_lg``: its chunks are the first columns of SD3's context), Forge's
+    text processing engine; with textual-inversion embeddings' vectors made nameable
+    (``embeddings``)."""
     model = sd_model or shared.sd_model
     for forge_engine in ("text_processing_engine_l", "text_processing_engine"):
         if getattr(model, forge_engine, None) is not None:
             return EmbeddingAwareEncoder(getattr(model, forge_engine))
     if hasattr(model, "conditioner"):
         return EmbeddingAwareEncoder(model.conditioner.embedders[0])
+    if getattr(model.cond_stage_model, "model_lg", None) is not None:
+        return EmbeddingAwareEncoder(model.cond_stage_model.model_lg)
     return EmbeddingAwareEncoder(model.cond_stage_model)
 
 

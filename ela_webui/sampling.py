@@ -30,6 +30,7 @@ from ela_ext.entities import EntityPhrase, EntitySpecError
 from ela_ext.session import AnchoringSession
 from ela_webui import debug
 from ela_webui.embeddings import EmbeddingAwareEncoder
+from ela_webui.mmdit import FAMILY_NAMES, dit_family
 from ela_webui.prompts import Resolved, resolve, text_at_step
 
 logger = logging.getLogger("ela")
@@ -104,6 +105,16 @@ def diffusion_model(sd_model) -> nn.Module:
     if is_forge(sd_model):
         return sd_model.forge_objects.unet.model.diffusion_model
     return sd_model.model.diffusion_model
+
+
+def unanchorable_model(sd_model) -> Optional[str]:
+    """Why ELA cannot anchor the loaded model at all, or None. MM-DiT models (SD3 / SD3.5, Flux)
+    have no cross-attention layer; their joint attention is found by ``ela_webui.mmdit``, but the
+    engine cannot anchor it yet, so they are generated as with ELA off, saying so."""
+    family = dit_family(diffusion_model(sd_model))
+    if family is not None:
+        return f"ELA cannot anchor {FAMILY_NAMES[family]} models yet"
+    return None
 
 
 class LdmModel:
