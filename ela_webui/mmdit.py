@@ -30,6 +30,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ela_ext.joint_attention import JointAttentionCapture, choose_blocks
+
 # (module of the diffusion model's class, class name) -> (family, host module with the functions)
 _DIT_CLASSES = {
     ("modules.models.sd3.mmdit", "MMDiT"): ("sd3", "modules.models.sd3.mmdit"),
@@ -50,12 +52,40 @@ def _host_module(diffusion_model: nn.Module):
     return importlib.import_module(_DIT_CLASSES[(type(diffusion_model).__module__, type(diffusion_model).__name__)][1])
 
 
+def model_family(sd_model) -> Optional[str]:
+    """``dit_family`` of a WebUI model (A1111's ``sd_model.model``, Forge's patcher)."""
+    forge_objects = getattr(sd_model, "forge_objects", None)
+    owner = forge_objects.unet.model if forge_objects is not None else getattr(sd_model, "model", None)
+    diffusion_model = getattr(owner, "diffusion_model", None)
+    return dit_family(diffusion_model) if diffusion_model is not None else None
+
+
 def joint_block_count(diffusion_model: nn.Module) -> int:
-    """How many joint-attention calls one forward makes: SD3's joint blocks; Flux's double and
-    single stream blocks (each attends over text and image together)."""
+    """The blocks the engine chooses among (``joint_attention.choose_blocks``): SD3's joint blocks,
+    Flux's double-stream blocks (its single-stream blocks attend over text and image too, and are
+    numbered after them by the tap, but the engine reads double blocks only)."""
     if dit_family(diffusion_model) == "flux":
-        return len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
+        return len(diffusion_model.double_blocks)
     return len(diffusion_model.joint_blocks)
+
+
+def registers(diffusion_model: nn.Module) -> int:
+    """Learned tokens SD3's MMDiT puts before the text (0 in released models)."""
+    return int(getattr(diffusion_model, "register_length", 0) or 0)
+
+
+def joint_capture(diffusion_model: nn.Module, config) -> JointAttentionCapture:
+    """The engine's capture of the blocks ``config.joint_blocks`` names."""
+    return JointAttentionCapture(choose_blocks(joint_block_count(diffusion_model), config.joint_blocks))
+
+
+def feeding(diffusion_model: nn.Module, capture: JointAttentionCapture) -> "JointAttentionTap":
+    """The tap that hands each joint call the capture wants to it (``capture.record``: the text
+    columns first, then the image tokens; it stops the pass after its last block)."""
+    def record(call: JointCall) -> None:
+        n_image = call.query.shape[2] - call.image_start
+        capture.record(call.block, call.query, call.key, call.image_start, n_image=n_image)
+    return JointAttentionTap(diffusion_model, record, wants=capture.wants)
 
 
 @dataclass
@@ -172,8 +202,8 @@ class JointAttentionTap:
         # The joint call only: SD3.5's image self-attention (``attn2``) has image tokens alone.
         if context_length is not None and q.shape[1] == context_length + image_length:
             self._text_length = None  # one joint call per block
-            registers = int(getattr(self.model, "register_length", 0) or 0)
-            self._emit(lambda: (_split_heads(q, heads), _split_heads(k, heads)), registers, context_length - registers)
+            start = registers(self.model)
+            self._emit(lambda: (_split_heads(q, heads), _split_heads(k, heads)), start, context_length - start)
         return self._saved["attention"](q, k, v, heads, mask)
 
     # Flux: (batch, heads, length, dim), rotary embedding applied inside attention.
