@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from mmdit_checks import (assert_no_function_replaced, assert_off_is_the_image_without_the_extension,
+from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
                           assert_plain_with_a_message, payload, require_files)
 from test_forge import Forge
-from webui_host import SPEC, checkout_in_extensions, checkout_linked
+from webui_host import (SPEC, assert_no_failure, assert_sampler_continues_from_the_anchored_latent,
+                        checkout_in_extensions, checkout_linked, ela_args, infotext, pixels)
 
 MODELS = {"sd35": "tiny-sd35.safetensors", "flux": "tiny-flux.safetensors"}
 FIXTURE = "forge-tiny-dit"
@@ -28,8 +29,8 @@ REQUIRED = [f"webui/models/Stable-diffusion/{name}" for name in MODELS.values()]
 FIELDS = {"sd35": {"scheduler": "Simple"}, "flux": {"scheduler": "Simple", "cfg_scale": 1}}
 BASELINES = {f"{model}/{sampler}": (model, payload(sampler_name=sampler, **FIELDS[model]))
              for model in MODELS for sampler in ("Euler", "DPM++ 2M")}
-UNANCHORED = {"sd35": "ELA cannot anchor SD3 / SD3.5 (MM-DiT) models yet: generated without ELA",
-              "flux": "ELA cannot anchor Flux (MM-DiT) models yet: generated without ELA"}
+TIMESTEP_SAMPLER = {"sd35": "ELA anchors SD3 / SD3.5 (MM-DiT) models under k-diffusion samplers",
+                    "flux": "ELA anchors Flux (MM-DiT) models under k-diffusion samplers"}
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +99,86 @@ def test_dit_off_is_byte_identical_to_no_extension(dit_forge, dit_absent, name):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_dit_on_is_plain_with_a_message(dit_forge, model):
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_dit_on_anchors_with_a_falling_loss(dit_forge, model, sampler):
+    """Forge samples under inference mode; the grad pass reads the joint attention through
+    backend.nn.mmditx / backend.nn.flux, replaced for the pass only (Flux at cfg 1: one pass a step)."""
+    assert_anchors_with_a_falling_loss(use(dit_forge, model), payload(sampler_name=sampler, **FIELDS[model]))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_sampler_continues_from_the_anchored_latent(dit_forge, model):
+    assert_sampler_continues_from_the_anchored_latent(use(dit_forge, model), "Euler", 0,
+                                                      payload(sampler_name="Euler", **FIELDS[model]))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_weights_made_grad_capable_give_the_same_images(dit_forge, dit_absent, model):
+    """ELA swaps Forge's inference-tensor weights for normal copies: off afterwards is still the
+    image of Forge without the extension, and on repeats itself."""
     server = use(dit_forge, model)
-    assert_plain_with_a_message(server, payload(**FIELDS[model]), UNANCHORED[model])
-    assert_no_function_replaced(server)
+    request = BASELINES[f"{model}/Euler"][1]
+    on = server.txt2img(**request, **ela_args())
+    assert server.txt2img(**request, **ela_args())["images"] == on["images"]
+    if dit_absent is not None:
+        assert server.txt2img(**request)["images"][0] == dit_absent[f"{model}/Euler"]
 
 
-def test_sd35_token_route_reads_the_clip_columns(dit_forge):
-    """SD3.5's context starts with Forge's CLIP-L/G chunks (77 columns each)."""
-    answer = use(dit_forge, "sd35").post("/ela/v1/tokens", {"prompt": "a black cat and a green frog", "entities": SPEC})
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_timestep_sampler_is_plain_with_a_message(dit_forge, model):
+    assert_plain_with_a_message(use(dit_forge, model), payload(sampler_name="DDIM", **FIELDS[model]),
+                                TIMESTEP_SAMPLER[model])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_batch_anchors_every_image(dit_forge, model):
+    result = use(dit_forge, model).txt2img(**payload(batch_size=2, **FIELDS[model]), **ela_args())
+    assert len(result["images"]) == 2
+    for text in result["info"]["infotexts"]:
+        assert "ELA log: steps=3;" in text, text
+        assert_no_failure(text)
+
+
+def test_dit_grad_pass_failure_generates_as_if_off(dit_forge):
+    server = use(dit_forge, "flux")
+    off = server.txt2img(**payload(**FIELDS["flux"]))
+    server.post("/ela/v1/debug/fault", {"kind": "error", "step": 0})
+    failed = server.txt2img(**payload(**FIELDS["flux"]), **ela_args())
+    assert "anchoring stopped at step 1, image continues unanchored: RuntimeError: grad pass failed (injected)" \
+        in infotext(failed)
+    assert pixels(failed["images"][0]) == pixels(off["images"][0])
+
+
+def test_sd35_token_route_reads_the_clip_columns_then_t5s(dit_forge):
+    """SD3.5's context: Forge's CLIP-L/G chunks (77 columns each), then T5's ids when the setting
+    ``sd3_enable_t5`` is on (else zeros there). The tiny fixture's T5 is too narrow for Forge to
+    encode with T5 on, so generation is checked with it off."""
+    server = use(dit_forge, "sd35")
+    prompt = {"prompt": "a black cat and a green frog", "entities": SPEC}
+    answer = server.post("/ela/v1/tokens", prompt)
     assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == {"cat": [3], "frog": [7]}
+    assert answer["sot_columns"] == [0]
+    server.post("/sdapi/v1/options", {"sd3_enable_t5": True})
+    try:
+        with_t5 = server.post("/ela/v1/tokens", prompt)
+    finally:
+        server.post("/sdapi/v1/options", {"sd3_enable_t5": False})
+    columns = {entity["word"]: entity["columns"] for entity in with_t5["entities"]}
+    assert columns["cat"][0] == 3 and columns["frog"][0] == 7
+    assert min(columns["cat"][1:]) >= 77 and min(columns["frog"][1:]) >= 77, columns
+    texts = {token["column"]: token["text"] for token in with_t5["tokens"]}
+    assert "".join(texts[c] for c in columns["frog"] if c >= 77) == "frog"
+    result = server.txt2img(**payload(**FIELDS["sd35"]), **ela_args())
+    assert "ELA log: steps=3;" in infotext(result)
+
+
+def test_flux_token_route_reads_the_t5_columns(dit_forge):
+    """Flux's context is T5's alone (its CLIP-L gives only the pooled vector): no start token,
+    the end token is the background column."""
+    answer = use(dit_forge, "flux").post("/ela/v1/tokens", {"prompt": "a black cat and a green frog", "entities": SPEC})
+    columns = {entity["word"]: entity["columns"] for entity in answer["entities"]}
+    texts = {token["column"]: token["text"] for token in answer["tokens"]}
+    assert "".join(texts[c] for c in columns["cat"]) == "cat"
+    assert "".join(texts[c] for c in columns["frog"]) == "frog"
+    assert answer["sot_columns"] == [max(texts) + 1]
+    assert answer["warnings"] == []
