@@ -2,8 +2,8 @@
 the loaded model is, and where its joint attention can be read.
 
 These models have no cross-attention module: text and image tokens are joined into one sequence
-and attend together (text first), inside functions, not modules (``/work/shared/webui-mmdit``,
-measured in both hosts):
+and attend together (text first), inside functions, not modules (measured in both hosts with the
+probes of the shared ``webui-mmdit`` recipes):
 
 - A1111 SD3 (``modules.models.sd3.mmdit``): ``JointBlock.forward`` calls the module-level
   ``block_mixing(context, x, context_block, x_block, c)``, which concatenates the text and image
@@ -18,7 +18,9 @@ measured in both hosts):
 ``JointAttentionTap`` replaces those module globals for the span of a ``with`` block (a grad pass)
 and hands every joint call to a callback as ``JointCall``: per-head queries and keys, the rotary
 embedding applied, and where the text columns are. Outside the block the host's functions are
-its own again (``patched_functions`` lets the debug route check that).
+its own again (``patched_functions`` lets the debug route check that). ``feeding`` connects a tap
+to the engine's ``joint_attention.JointAttentionCapture``, which picks the blocks, computes the
+image-to-text maps and ends the pass after its last block.
 """
 
 from __future__ import annotations

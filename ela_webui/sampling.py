@@ -28,9 +28,8 @@ from ela_ext.anchoring import SamplerSpace, in_window
 from ela_ext.config import ElaConfig
 from ela_ext.entities import EntityPhrase, EntitySpecError
 from ela_ext.session import AnchoringSession
-from ela_webui import debug
+from ela_webui import debug, mmdit
 from ela_webui.embeddings import EmbeddingAwareEncoder
-from ela_webui import mmdit
 from ela_webui.prompts import Resolved, resolve, resolve_for_model, text_at_step
 
 logger = logging.getLogger("ela")
