@@ -182,3 +182,17 @@ def test_flux_token_route_reads_the_t5_columns(dit_forge):
     assert "".join(texts[c] for c in columns["frog"]) == "frog"
     assert answer["sot_columns"] == [max(texts) + 1]
     assert answer["warnings"] == []
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_hires_and_img2img_anchor(dit_forge, model):
+    server = use(dit_forge, model)
+    hires = server.txt2img(**payload(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6,
+                                     hr_second_pass_steps=4, hr_additional_modules=["Use same choices"],
+                                     **FIELDS[model]), **ela_args())
+    assert "ELA log: steps=3;" in infotext(hires) and ";hires_steps=" in infotext(hires), infotext(hires)
+    assert_no_failure(infotext(hires))
+    init = server.txt2img(**payload(**FIELDS[model]))["images"][0]
+    img2img = server.img2img(**payload(init_images=[init], denoising_strength=0.5, **FIELDS[model]), **ela_args())
+    assert "ELA log: steps=" in infotext(img2img) and "ELA log: steps=0" not in infotext(img2img)
+    assert_no_failure(infotext(img2img))
