@@ -2,9 +2,13 @@
 ``z_t`` until the loss is below the threshold or the iterations run out.
 
 Samplers hold the latent in different spaces (method.md "Latent update"): k-diffusion samplers
-hold ``x`` with ``z_t = c_in * x``, ``c_in = 1 / sqrt(sigma^2 + 1)``; DDIM/PLMS/UniPC hold ``z_t``.
-The step is taken in ``z_t`` space and converted back, so one setting means the same under every
-sampler. Its size is normalised (a decision, see ``latent_step``) so it means the same on every
+hold ``x`` with ``z_t = c_in * x``, ``c_in = 1 / sqrt(sigma^2 + 1)``; DDIM/PLMS/UniPC hold ``z_t``;
+flow-matching models (SD3, Flux: ``x_t = (1 - sigma) x_0 + sigma * noise``, ``sigma`` in [0, 1],
+the model predicting the velocity ``noise - x_0``) are sampled on ``x_t`` itself, which the model
+sees as it is (``SamplerSpace.from_flow_sigma``). The step is taken in the model-input space and
+converted back, so one setting means the same under every sampler. The anchoring window is in
+fractions of the steps run for every family (``in_window``); under a flow model's shifted
+schedule the first 30% of the steps cover more than 30% of the sigma range, as SD's do. Its size is normalised (a decision, see ``latent_step``) so it means the same on every
 model: raw latent-gradient norms differ by orders of magnitude between a small model and SD.
 """
 
@@ -48,13 +52,24 @@ class SamplerSpace:
         alpha_bar = float(alphas[low] + (alphas[high] - alphas[low]) * (position - low))
         return cls("timestep", math.sqrt((1 - alpha_bar) / alpha_bar))
 
+    @classmethod
+    def from_flow_sigma(cls, sigma: float) -> "SamplerSpace":
+        """A flow-matching (rectified flow) noise level: ``x_t = (1 - sigma) x_0 + sigma * noise``,
+        the sampler's latent is the model's input (``c_in`` = 1)."""
+        return cls("flow", float(sigma))
+
     @property
     def c_in(self) -> float:
         return 1.0 / math.sqrt(self.sigma ** 2 + 1) if self.kind == "sigma" else 1.0
 
     @property
     def noise_fraction(self) -> float:
-        """``sqrt(1 - alpha_bar_t)``: Attend-and-Excite's step schedule factor."""
+        """``sqrt(1 - alpha_bar_t)``: Attend-and-Excite's step schedule factor, the noise's share
+        of the model input's scale. For a flow latent the variance-preserving latent of the same
+        signal-to-noise ratio is ``x_t / sqrt((1 - sigma)^2 + sigma^2)``, whose noise share is
+        ``sigma / sqrt((1 - sigma)^2 + sigma^2)`` (1 at full noise, as for SD)."""
+        if self.kind == "flow":
+            return self.sigma / max(math.sqrt((1 - self.sigma) ** 2 + self.sigma ** 2), 1e-12)
         return self.sigma / math.sqrt(self.sigma ** 2 + 1)
 
     def to_unet_input(self, latent: torch.Tensor) -> torch.Tensor:

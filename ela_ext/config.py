@@ -15,6 +15,7 @@ OBJECTIVE_NAMES = ("ela", "ela_enhance", "attend_excite", "attend_excite_paper",
                    "cluster", "separate_enhance")
 LAYER_CHOICES = ("up_lowest", "up_lowest+mid", "mid", "up_all", "down_lowest")
 BINARIZATION_CHOICES = ("otsu", "mean", "half")
+JOINT_BLOCK_CHOICES = ("middle", "early", "all")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,10 @@ class ElaConfig:
     layers: str = "up_lowest"
     # Otsu splits each map (background, entity) without a tuned constant (method.md, step 1).
     binarization: str = "otsu"
+    # MM-DiT (SD3, Flux): which joint-attention blocks are read (joint_attention.choose_blocks).
+    # PROVISIONAL: the middle third, where DiT attention is reported most localised; to be
+    # measured on a benchmark MM-DiT. UNets ignore it (they read ``layers``).
+    joint_blocks: str = "middle"
 
     def validated(self) -> "ElaConfig":
         """Return self, or raise ConfigError naming the first bad field and its range."""
@@ -133,6 +138,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "objective": OBJECTIVE_NAMES,
     "layers": LAYER_CHOICES,
     "binarization": BINARIZATION_CHOICES,
+    "joint_blocks": JOINT_BLOCK_CHOICES,
 }
 
 FIELD_HELP: dict[str, str] = {
@@ -153,6 +159,8 @@ FIELD_HELP: dict[str, str] = {
     "layers": "Cross-attention layers whose maps are read (default: lowest-resolution up-block).",
     "binarization": "How maps are thresholded: the start-of-text map into background, each "
                     "entity's map into where it attends.",
+    "joint_blocks": "MM-DiT models (SD3, Flux): joint-attention blocks whose text-to-image maps are read: "
+                    "the middle third (provisional default), the first third, or all.",
 }
 
 INFOTEXT_KEYS: dict[str, str] = {
@@ -166,6 +174,7 @@ INFOTEXT_KEYS: dict[str, str] = {
     "objective": "objective",
     "layers": "layers",
     "binarization": "binarize",
+    "joint_blocks": "blocks",
 }
 
 _DEFAULTS = ElaConfig()

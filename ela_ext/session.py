@@ -2,8 +2,11 @@
 from the first sampling step to the last.
 
 It owns what outlives a single step: the chosen layers, the entity targets per image, the loss
-log, the maps for the mask grids and the warnings. Hooks live only inside ``maybe_anchor``; any
-failure there (a non-finite value, out of memory, a bug) is logged once, the latent is returned
+log, the maps for the mask grids and the warnings. A UNet's maps come from its cross-attention
+layers (``capture.AttentionCapture``, found by ``config.layers``); an MM-DiT's from its joint
+attention, through a ``joint_attention.JointAttentionCapture`` the host creates, hooks into its
+attention and passes as ``capture`` (the host knows where its attention runs; the engine does
+not). Hooks and captures are live only inside ``maybe_anchor``; any failure there (a non-finite value, out of memory, a bug) is logged once, the latent is returned
 unchanged and anchoring stops for the rest of the generation, so the image is what it would have
 been with ELA off from that step on. A UNet whose cross-attention layers cannot be found is
 warned about once and never anchored.
@@ -23,6 +26,7 @@ from torch import nn
 from .anchoring import AnchoringError, AnchorResult, SamplerSpace, anchor_latent, in_window
 from .capture import AttentionCapture, CaptureError, find_cross_attention_layers, run_truncated, weights_frozen
 from .config import ElaConfig
+from .joint_attention import JointAttentionCapture
 from .localize import Localization
 from .mask_grid import mask_grid
 from .tokens import EntityColumns
@@ -44,15 +48,21 @@ class StepLog:
 class AnchoringSession:
     """Anchors the conditional rows of one generation, step by step."""
 
-    def __init__(self, unet: nn.Module, config: ElaConfig, targets: Sequence[EntityColumns]):
+    def __init__(self, unet: nn.Module, config: ElaConfig, targets: Sequence[EntityColumns],
+                 capture: Optional[JointAttentionCapture] = None):
+        """``unet``: the denoiser whose weights are frozen during grad passes (a UNet or an MM-DiT);
+        ``capture``: an MM-DiT's joint-attention capture, hooked by the host; None for a UNet."""
         self.config = config.validated()
         self.targets = list(targets)
         self.steps: list[StepLog] = []
         self.warnings: list[str] = []
         self.failed = False
         self._unet = unet
+        self._joint = capture
+        self.layers: list[nn.Module] = []
         try:
-            self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
+            if capture is None:
+                self.layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
         except CaptureError as error:
             # A model without cross-attention, or with a layout we cannot place (a new family).
             self.layers = []
@@ -76,9 +86,11 @@ class AnchoringSession:
         """
         if self.failed or not in_window(step_index, total_steps, self.config):
             return latent
+        latent_hw = tuple(latent.shape[-2:])
         try:
             with weights_frozen(self._unet), \
-                    AttentionCapture(self.layers, tuple(latent.shape[-2:]), stop_after_last=True) as capture:
+                    (self._joint.capturing(latent_hw) if self._joint is not None else
+                     AttentionCapture(self.layers, latent_hw, stop_after_last=True)) as capture:
                 result = anchor_latent(latent, space, lambda x: run_truncated(capture, lambda: forward(x)),
                                        self.targets, self.config, **loop_options)
         except Exception as error:  # noqa: BLE001 - any failure must leave the image as if off
@@ -97,7 +109,8 @@ class AnchoringSession:
         """For a non-finite value under a half-precision UNet or latent: which dtype, what avoids it."""
         if not isinstance(error, AnchoringError):
             return ""
-        dtypes = {latent.dtype} | {parameter.dtype for parameter in self.layers[0].parameters()}
+        module = self.layers[0] if self.layers else self._unet
+        dtypes = {latent.dtype} | {parameter.dtype for parameter in module.parameters()}
         half = [name for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")) if dtype in dtypes]
         if not half:
             return ""

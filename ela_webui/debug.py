@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from ela_webui.mmdit import patched_functions
+
 ENABLED = os.environ.get("ELA_DEBUG") == "1"
 
 # Calls and anchoring sessions of the current (or last) ELA generation, in order.
@@ -96,11 +98,12 @@ def step_logs() -> list[dict]:
 
 def hook_counts(unet: torch.nn.Module) -> dict[str, int]:
     """Forward/backward (pre-)hooks on every attention module of the UNet and on its projections
-    (where training hooks its changes), by attention module name."""
-    return {name: sum(len(getattr(owner, attr)) for owner in (module, module.to_q, module.to_k, module.to_v)
-                      for attr in
-                      ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
-            for name, module in unet.named_modules() if hasattr(module, "to_q") and hasattr(module, "to_k")}
+    (where training hooks its changes), by attention module name; for an MM-DiT, also whether the
+    host's joint-attention functions are replaced (``mmdit.patched_functions``)."""
+    hooks = {name: sum(len(getattr(owner, attr)) for owner in (module, module.to_q, module.to_k, module.to_v)
+                       for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+             for name, module in unet.named_modules() if hasattr(module, "to_q") and hasattr(module, "to_k")}
+    return {**patched_functions(unet), **hooks}
 
 
 def memory() -> dict[str, float]:

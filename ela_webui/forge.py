@@ -106,6 +106,8 @@ class ForgeModel:
         options["cond_indices"], options["uncond_indices"] = compute_cond_indices(cond_or_uncond=[0], sigmas=sigma)
         conditioning = ({"c_crossattn": text_cond["crossattn"], "y": text_cond["vector"]}
                         if isinstance(text_cond, dict) else {"c_crossattn": text_cond})
+        if isinstance(text_cond, dict) and "guidance" in text_cond:  # Flux dev's distilled guidance
+            conditioning["guidance"] = text_cond["guidance"]
         # Forge feeds the image conditioning only to models that take one (inpainting): there it
         # matches the latent's batch and size; txt2img gives the others a 1x1 placeholder.
         if isinstance(image_cond, torch.Tensor) and image_cond.shape[0] == latent.shape[0] \

@@ -13,7 +13,7 @@ from modules import sd_samplers
 from ela_ext.config import ElaConfig, replace
 from ela_ext.entities import EntitySpecError, format_spec
 from ela_webui.prompts import entity_phrases, first_sub_prompt, scheduled_texts
-from ela_webui.sampling import AnchoredPass, ImageEntities
+from ela_webui.sampling import AnchoredPass, ImageEntities, unanchorable_model, unanchorable_sampler
 
 logger = logging.getLogger("ela")
 HIRES_PREFIX = "hires_"
@@ -64,6 +64,11 @@ class ElaRun:
         """Wrap this batch's sampler: resolve each image's entities against the prompt it is
         conditioned on (extra networks stripped; hires prompts in the hires pass)."""
         prompts = p.hr_prompts if getattr(p, "is_hr_pass", False) else p.prompts
+        reason = unanchorable_model(p.sd_model) or unanchorable_sampler(p)
+        if reason:
+            for position in range(len(prompts)):
+                self.warn(p.iteration * p.batch_size + position, f"{reason}: image left unanchored")
+            return
         steps, hires_steps = schedule_steps(p)
         images = []
         for position, prompt in enumerate(prompts):

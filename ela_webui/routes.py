@@ -18,9 +18,10 @@ from modules.call_queue import queue_lock
 
 from ela_ext.entities import EntitySpecError, format_spec
 from ela_webui import debug, training
-from ela_webui.prompts import (PREVIEW_STEPS, PromptSyntaxError, entity_phrases, first_sub_prompt, resolve,
-                               scheduled_texts, strip_extra_networks, text_encoder, token_rows)
-from ela_webui.sampling import diffusion_model
+from ela_webui.prompts import (PREVIEW_STEPS, PromptSyntaxError, entity_phrases, first_sub_prompt,
+                               resolve_for_model, scheduled_texts, strip_extra_networks, t5_token_rows, text_encoder,
+                               token_rows)
+from ela_webui.sampling import diffusion_model, unanchorable_model
 
 # Longer input is refused (422, the reason as a string the UI shows) before any parsing. 20000 characters are ~4000 tokens, 50 chunks:
 # far past what a prompt conditions usefully; the engine's own passes stay linear in the length.
@@ -51,10 +52,10 @@ def tokens(request: TokensRequest) -> dict:
     try:
         text = scheduled_texts(text, PREVIEW_STEPS)[0][1]
         phrases = entity_phrases(request.entities, prompt)
-        resolved = resolve(phrases, text, encoder)
+        resolved = resolve_for_model(phrases, text)
     except (EntitySpecError, PromptSyntaxError) as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
-    warnings = [resolved.problem] if resolved.problem else []
+    warnings = [problem for problem in (unanchorable_model(shared.sd_model), resolved.problem) if problem]
     if sub_prompt_count > 1:
         warnings.append("AND prompt: entities are anchored in the first sub-prompt only")
     columns = resolved.columns
@@ -65,7 +66,7 @@ def tokens(request: TokensRequest) -> dict:
                                      for attribute in entity.attributes]}
                      for entity in columns.entities],
         "sot_columns": list(columns.sot_columns),
-        "tokens": token_rows(resolved.chunks, encoder),
+        "tokens": (token_rows(resolved.chunks, encoder) if resolved.chunks else []) + t5_token_rows(resolved),
         "warnings": warnings,
     }
 

@@ -28,9 +28,9 @@ from ela_ext.anchoring import SamplerSpace, in_window
 from ela_ext.config import ElaConfig
 from ela_ext.entities import EntityPhrase, EntitySpecError
 from ela_ext.session import AnchoringSession
-from ela_webui import debug
+from ela_webui import debug, mmdit
 from ela_webui.embeddings import EmbeddingAwareEncoder
-from ela_webui.prompts import Resolved, resolve, text_at_step
+from ela_webui.prompts import Resolved, resolve, resolve_for_model, text_at_step
 
 logger = logging.getLogger("ela")
 
@@ -53,9 +53,13 @@ def first_evaluation_step(denoiser, sampler_func) -> Optional[int]:
 
 def sampler_space(denoiser, sigma: float, sd_model) -> SamplerSpace:
     """k-diffusion denoisers get a noise level; DDIM/PLMS/UniPC the UNet timestep (host.md), in
-    A1111 and in Forge alike: Forge converts to a sigma only inside its CFGDenoiser."""
+    A1111 and in Forge alike: Forge converts to a sigma only inside its CFGDenoiser. On an MM-DiT
+    (flow matching) a k-diffusion sampler's sigma is the flow's, and its latent the model input
+    (A1111's ``SD3Denoiser``, Forge's flow predictors: ``calculate_input`` is the identity)."""
     if isinstance(denoiser, CFGDenoiserTimesteps):
         return SamplerSpace.from_timestep(sigma, sd_model.alphas_cumprod)
+    if mmdit.model_family(sd_model) is not None:
+        return SamplerSpace.from_flow_sigma(sigma)  # SD3 and Flux: x_t = (1 - sigma) x_0 + sigma noise
     return SamplerSpace.from_sigma(sigma)
 
 
@@ -89,8 +93,9 @@ def other_text_encoders(sd_model) -> list:
 def encoders_disagree(sd_model, phrases: list[EntityPhrase], text: str, resolved: Resolved) -> Optional[str]:
     """Why the columns cannot be anchored, if another text encoder of the model (SDXL's two) puts
     the entities elsewhere: the UNet sees both encoders' outputs side by side, column by column."""
+    own = resolved.clip_columns if mmdit.model_family(sd_model) is not None else resolved.columns
     for encoder in other_text_encoders(sd_model):
-        if resolve(phrases, text, encoder).columns != resolved.columns:
+        if own is not None and resolve(phrases, text, encoder).columns != own:
             return f"the model's text encoders place the entities in different columns ({type(encoder).__name__})"
     return None
 
@@ -104,6 +109,26 @@ def diffusion_model(sd_model) -> nn.Module:
     if is_forge(sd_model):
         return sd_model.forge_objects.unet.model.diffusion_model
     return sd_model.model.diffusion_model
+
+
+def unanchorable_model(sd_model) -> Optional[str]:
+    """Why ELA cannot anchor the loaded model at all, or None: an MM-DiT whose context starts with
+    learned register tokens (none of the released SD3 / SD3.5 has them; the columns would move)."""
+    unet = diffusion_model(sd_model)
+    if mmdit.dit_family(unet) is not None and mmdit.registers(unet):
+        return f"ELA cannot anchor an MM-DiT with {mmdit.registers(unet)} register tokens before its text"
+    return None
+
+
+def unanchorable_sampler(p) -> Optional[str]:
+    """Why ELA cannot anchor this pass's sampler on the loaded model, or None: on an MM-DiT it
+    anchors under k-diffusion samplers (their sigma is the flow's), not under DDIM / PLMS / UniPC,
+    whose timesteps assume an SD noise schedule."""
+    family = mmdit.model_family(p.sd_model)
+    if family is not None and isinstance(p.sampler.model_wrap_cfg, CFGDenoiserTimesteps):
+        return (f"ELA anchors {mmdit.FAMILY_NAMES[family]} models under k-diffusion samplers (Euler, DPM++, ...), "
+                "not DDIM / PLMS / UniPC")
+    return None
 
 
 class LdmModel:
@@ -163,6 +188,8 @@ class AnchoredPass:
         self.model = host_model(p, self.denoiser)
         self.stopped = False
         self.sessions: dict[tuple, AnchoringSession] = {}
+        # An MM-DiT session's tap into the host's joint attention, live during its grad passes.
+        self.taps: dict[AnchoringSession, mmdit.JointAttentionTap] = {}
         self.image_sessions: dict[int, tuple[AnchoringSession, int]] = {}
         self._resolved: dict[tuple[int, str], Optional[Resolved]] = {}
         self._original_forward = self.denoiser.forward
@@ -242,7 +269,8 @@ class AnchoredPass:
                     latent = debug.inject_fault(latent, step)
                 return self.model.conditional_branch(latent, row_sigma, row_text_cond, row_image_cond)
 
-            updated = session.maybe_anchor(rows, space, step, self.total_steps, conditional_branch)
+            with self.taps.get(session, contextlib.nullcontext()):
+                updated = session.maybe_anchor(rows, space, step, self.total_steps, conditional_branch)
         if updated is not rows:
             x.index_copy_(0, index, updated.to(x.dtype))
 
@@ -251,7 +279,7 @@ class AnchoredPass:
         key = (image.position, text)
         if key not in self._resolved:
             try:
-                result = resolve(image.phrases, text)
+                result = resolve_for_model(image.phrases, text, self.p.sd_model)
                 problem = result.problem or encoders_disagree(self.p.sd_model, image.phrases, text, result)
             except EntitySpecError as error:
                 result, problem = None, str(error)
@@ -266,8 +294,12 @@ class AnchoredPass:
         images new columns, and a session's targets are fixed."""
         key = tuple((image.position, resolved.columns) for image, resolved in targets)
         if key not in self.sessions:
-            self.sessions[key] = AnchoringSession(diffusion_model(self.p.sd_model), self.config,
-                                                  [resolved.columns for _, resolved in targets])
+            unet = diffusion_model(self.p.sd_model)
+            capture = mmdit.joint_capture(unet, self.config) if mmdit.dit_family(unet) else None
+            self.sessions[key] = AnchoringSession(unet, self.config, [resolved.columns for _, resolved in targets],
+                                                  capture=capture)
+            if capture is not None:
+                self.taps[self.sessions[key]] = mmdit.feeding(unet, capture)
             if debug.ENABLED:
                 debug.sessions.append(self.sessions[key])
         session = self.sessions[key]

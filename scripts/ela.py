@@ -18,8 +18,8 @@ import gradio as gr
 from modules import images, script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from ela_ext.config import (API_FIELDS, BINARIZATION_CHOICES, FIELD_BOUNDS, FIELD_HELP, LAYER_CHOICES,
-                            OBJECTIVE_NAMES, PRESETS, ConfigError, ElaConfig)
+from ela_ext.config import (API_FIELDS, BINARIZATION_CHOICES, FIELD_BOUNDS, FIELD_HELP, JOINT_BLOCK_CHOICES,
+                            LAYER_CHOICES, OBJECTIVE_NAMES, PRESETS, ConfigError, ElaConfig)
 from ela_webui import debug, routes, training_ui, xyz
 from ela_webui.generation import ElaRun
 
@@ -33,7 +33,8 @@ SLIDER_STEPS = {"lambda_weight": 0.05, "window_start": 0.05, "window_end": 0.05,
 LABELS = {"enabled": "Enabled", "entities": "Entities", "lambda_weight": "Lambda (attenuation weight)",
           "window_start": "Window start", "window_end": "Window end", "max_iterations": "Iterations per step", "loss_threshold": "Loss threshold",
           "step_size": "Step size", "objective": "Objective", "save_masks": "Save mask grids",
-          "layers": "Layers", "binarization": "Binarisation"}
+          "layers": "Layers", "binarization": "Binarisation",
+          "joint_blocks": "MM-DiT blocks"}
 
 PRESET_LABELS = {"defaults": "Defaults", "fast": "Fast: 1 pass per step (~1.3x time)"}
 PRESET_HELP = {"defaults": "Every slider back to its default.",
@@ -98,6 +99,9 @@ class ElaScript(scripts.Script):
                     components["binarization"] = gr.Dropdown(
                         label=LABELS["binarization"], choices=list(BINARIZATION_CHOICES),
                         value=defaults.binarization, elem_id=self.elem_id("binarization"))
+                    components["joint_blocks"] = gr.Dropdown(
+                        label=LABELS["joint_blocks"], choices=list(JOINT_BLOCK_CHOICES),
+                        value=defaults.joint_blocks, elem_id=self.elem_id("joint_blocks"))
             # javascript/ela.js turns this into title= tooltips on the fields above.
             help_by_id = {self.elem_id(name): FIELD_HELP[name] for name in API_FIELDS}
             help_by_id[self.elem_id("detect")] = DETECT_HELP

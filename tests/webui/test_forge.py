@@ -22,7 +22,8 @@ from training_checks import (assert_trained_lora_loads, test_a_failing_training_
                              test_training_bad_input_answers_with_the_reason,
                              test_training_interrupt_leaves_no_file_and_the_model_unchanged,
                              test_training_with_the_preservation_term)
-from webui_host import (SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port, absent_image_or_skip,
+from webui_host import (CHECKPOINTS, SAMPLER_HISTORIES, SAMPLERS, SIZE, SCRIPT_TITLE, SPEC, WebUI, _free_port,
+                        absent_image_or_skip,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor, assert_no_failure,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
                         assert_sampler_continues_from_the_anchored_latent, baselines, checkout_in_extensions,
@@ -34,7 +35,7 @@ FORGE_MODELS = ["sd1", "sdxl"]
 FORGE_BASELINES = baselines({model: ("Euler a", "DPM++ 2M", "DDIM") for model in FORGE_MODELS}, **SIZE)
 # Forge's API fails a hires request without hr_additional_modules (TypeError on None).
 FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"]}
-# Offline on CPU, full precision, API only; the first checkpoint in models/Stable-diffusion.
+# Offline on CPU, full precision, API only; tiny-sd1 (else the first checkpoint in models/Stable-diffusion).
 FORGE_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
                "--skip-python-version-check", "--no-download-sd-model", "--always-cpu", "--all-in-fp32", "--api",
                "--nowebui", "--server-name", "127.0.0.1", "--no-prompt-history"]
@@ -52,6 +53,11 @@ class Forge(WebUI):
         launch_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                       "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                       "OMP_NUM_THREADS": "1", "COMMANDLINE_ARGS": "", **env}
+        # Pinned where the host has it: the first checkpoint by natural sort would otherwise be
+        # tiny-flux, which the MM-DiT recipes (shared/webui-mmdit) add beside it.
+        sd1 = root / "webui" / "models" / "Stable-diffusion" / CHECKPOINTS["sd1"]
+        if "--ckpt" not in extra_flags and sd1.is_file():
+            extra_flags = ("--ckpt", str(sd1), *extra_flags)
         flags = [*FORGE_FLAGS, "--port", str(self.port), "--ui-settings-file", str(workdir / f"{name}-config.json"),
                  "--ui-config-file", str(workdir / f"{name}-ui-config.json"), *extra_flags]
         with open(self.log, "w") as log:

@@ -356,12 +356,13 @@ def assert_on_changes_the_image_and_the_loss_falls(server: WebUI, sampler: str, 
     assert len(anchored_calls) == 3 and all(call["step"] is not None for call in anchored_calls)
 
 
-def assert_sampler_continues_from_the_anchored_latent(server: WebUI, sampler: str, history: int) -> None:
+def assert_sampler_continues_from_the_anchored_latent(server: WebUI, sampler: str, history: int,
+                                                      request: dict | None = None) -> None:
     """The sampler's next latent is an affine function of its current latent and this call's (and,
     for a multistep sampler, the last ``history`` calls') outputs. It must fit the ANCHORED latent,
     not the one the sampler passed in: that shows the write reached the sampler's own state, not
-    only the UNet."""
-    server.txt2img(**txt2img_payload(sampler, **SIZE), **ela_args())
+    only the UNet. ``request``: the generation (default: ``txt2img_payload(sampler)`` at SIZE)."""
+    server.txt2img(**(request or txt2img_payload(sampler, **SIZE)), **ela_args())
     calls = server.get("/ela/v1/debug/calls")["calls"]
     checked = 0
     for k, call in enumerate(calls[:-1]):

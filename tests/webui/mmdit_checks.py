@@ -1,0 +1,83 @@
+"""What the MM-DiT host tests (test_mmdit_a1111.py: SD3 in AUTOMATIC1111; test_mmdit_forge.py:
+SD3.5 and Flux in Forge) check in every host and family, so the hosts are held to the same
+assertions. The tiny models come from ``shared/webui-mmdit`` (random weights, noise images):
+these check mechanics: off is the image of a host without the extension, on anchors with a falling
+loss (the grad pass reads the joint attention through the host's own functions, which are the
+host's again afterwards), and where a model or sampler cannot be anchored ELA says so and gives
+the off image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from webui_host import SCRIPT_TITLE, SPEC, WebUI, assert_no_failure, ela_args, hook_counts, infotext, pixels
+
+
+def payload(**fields) -> dict:
+    """A small, fast generation on a tiny MM-DiT: 128 px is an 8x8 grid of image tokens."""
+    return {"prompt": "a black cat and a green frog", "negative_prompt": "", "seed": 1234, "sampler_name": "Euler",
+            "steps": 6, "width": 128, "height": 128, "cfg_scale": 5, **fields}
+
+
+def require_files(root: Path, files: list[str], how: str) -> None:
+    missing = [name for name in files if not (root / name).exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not in {root}: {how}")
+
+
+def assert_off_is_the_image_without_the_extension(server: WebUI, request: dict, absent: str) -> None:
+    """No ELA entry and ELA sent disabled: the same bytes as the host without the extension, and
+    no ELA key in the infotext."""
+    no_entry = server.txt2img(**request)
+    disabled = server.txt2img(**request, alwayson_scripts={SCRIPT_TITLE: {"args": [False, SPEC]}})
+    assert no_entry["images"][0] == absent
+    assert disabled["images"] == no_entry["images"]
+    assert "ELA" not in infotext(no_entry) and "ELA" not in infotext(disabled)
+
+
+def assert_anchors_with_a_falling_loss(server: WebUI, request: dict, **changes) -> dict:
+    """ELA on (window 0-0.5 of 6 steps: steps 0-2) changes the pixels, anchors each window step with
+    updates and a loss that falls at the first step and rises at none, reports it in the infotext without a failure, and leaves every
+    host function and hook as it was. ``changes``: ELA settings besides ``ela_args``'."""
+    hooks_before = hook_counts(server)
+    off = server.txt2img(**request)
+    on = server.txt2img(**request, **ela_args(**changes))
+    assert hook_counts(server) == hooks_before
+    assert_no_function_replaced(server)
+    text = infotext(on)
+    assert f"ELA: entities={SPEC};" in text and "ELA log: steps=3;updates=" in text, text
+    assert_no_failure(text)
+    assert pixels(on["images"][0]) != pixels(off["images"][0])
+    steps = server.get("/ela/v1/debug/calls")["steps"]
+    assert [log["step"] for log in steps] == [0, 1, 2], steps
+    # The tiny random models' loss can reach its floor after the first step (e.g. exactly 0.125
+    # with one block read): there it must not rise.
+    assert steps[0]["losses"][-1] < steps[0]["losses"][0], steps
+    for log in steps:
+        assert log["updates"] >= 1 and log["losses"][-1] <= log["losses"][0] + 1e-6, log
+    return on
+
+
+def assert_plain_with_a_message(server: WebUI, request: dict, message: str) -> dict:
+    """ELA on where the model cannot be anchored: the settings and ``message`` in the infotext
+    (``ELA warnings``), the pixels of ELA off, and no hook or replaced function left."""
+    hooks_before = hook_counts(server)
+    off = server.txt2img(**request)
+    on = server.txt2img(**request, **ela_args())
+    assert hook_counts(server) == hooks_before
+    assert f"ELA: entities={SPEC};" in infotext(on)
+    assert message in infotext(on), infotext(on)
+    assert "ELA log" not in infotext(on)
+    assert pixels(on["images"][0]) == pixels(off["images"][0])
+    return on
+
+
+def assert_no_function_replaced(server: WebUI) -> None:
+    """The debug route lists the host's joint-attention functions (``modules.models.sd3.mmdit.*``,
+    ``backend.nn.*``): all are the host's own."""
+    functions = {name: count for name, count in hook_counts(server).items()
+                 if name.startswith(("modules.models.", "backend.nn."))}
+    assert functions and not any(functions.values()), functions
