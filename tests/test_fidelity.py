@@ -7,13 +7,13 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from benchmark.commands.fidelity import PARTS, layout_followed, localisation_scenes, main, same_place
 from benchmark.judge.evaluate import Report
 from benchmark.judge.metrics import mask_iou
-from benchmark.models.model import LATENT_KINDS, ModelConfig, build_model, load_model, scheduler_config
+from benchmark.models.autoencoder import LATENT_SHAPE, AutoencoderConfig, SceneAutoencoder
+from benchmark.models.model import ModelConfig, build_model, load_model, scheduler_config
 from benchmark.paths import BUNDLED_WEIGHTS
 
 
@@ -54,41 +54,23 @@ def test_a_rendered_mask_has_iou_one_with_itself():
             assert mask_iou(quarter, np.repeat(np.repeat(quarter, 4, 0), 4, 1)) == 1.0
 
 
-class PooledLatent:
-    """A 4x16x16 latent unlike the bundled one's: the image 2x2-average-pooled, plus a zero channel;
-    decoded by nearest-neighbour upsampling (lossy, as a learned autoencoder is)."""
-
-    shape = (4, 16, 16)
-
-    @classmethod
-    def load(cls, entry: dict, state: dict) -> "PooledLatent":
-        return cls()
-
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        pixels = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        pooled = F.avg_pool2d(pixels, 2)
-        return torch.cat([pooled, torch.zeros_like(pooled[:, :1])], 1)
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        pixels = F.interpolate(latents[:, :3].float(), scale_factor=2, mode="nearest")
-        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    """A random benchmark model unlike the bundled one: a 4x16x16 latent of its own kind, three
-    levels, small widths; exported as ``load_model`` reads it."""
-    config = ModelConfig(text_hidden=32, text_heads=2, block_channels=(16, 32, 32), unet_heads=2)
-    unet, text_encoder = build_model(config, seed=3, latent_shape=PooledLatent.shape)
+    """A random benchmark model unlike the bundled one: the learned 4x16x16 autoencoder latent (random
+    weights), three levels with SD's layout (no cross-attention at the lowest), small widths;
+    exported as ``load_model`` reads it."""
+    config = ModelConfig(text_hidden=32, text_heads=2, block_channels=(16, 32, 32), unet_heads=2, attention_levels=2)
+    unet, text_encoder = build_model(config, seed=3, latent_shape=LATENT_SHAPE)
     state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    state.update({f"autoencoder.{k}": v for k, v in SceneAutoencoder(AutoencoderConfig()).state_dict().items()})
     path = tmp_path_factory.mktemp("tiny-model") / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps({"model_config": asdict(config), "latent": {"kind": "pooled"},
-                                                     "scheduler_config": scheduler_config(), "step": 0}))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(LATENT_KINDS, "pooled", PooledLatent.load)
-        yield path
+    latent = {"kind": "autoencoder", "config": asdict(AutoencoderConfig())}
+    path.with_suffix(".json").write_text(json.dumps({"model_config": asdict(config), "latent": latent,
+                                                     "scheduler_config": scheduler_config(clip_sample=False),
+                                                     "step": 0}))
+    return path
 
 
 @pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
