@@ -73,6 +73,7 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
     model = load_model(weights)
     assert model.latent_shape == LATENT_SHAPE and model.meta["latent"]["kind"] == "autoencoder"
     assert not model.scheduler_config["clip_sample"]  # a learned latent is not image-valued
+    assert model.meta["latent"]["training"]["step"] == 1 and model.meta["seconds"] >= 0
     down = [type(block).__name__ for block in model.unet.down_blocks]
     assert down == ["CrossAttnDownBlock2D", "DownBlock2D"]  # SD's layout: no cross-attention at the lowest level
     images = model.decode(model.sample(["a red circle and a blue square"], ElaConfig(), [0], num_steps=2).latents)
@@ -88,3 +89,11 @@ def test_scaled_scene_is_the_judges_scene_supersampled():
     assert np.abs(pooled.astype(int) - small.image).max() <= 1
     for a, b in zip(small.objects, large.objects):
         assert (a.mask == b.mask).all() and a.bbox == b.bbox
+
+
+def test_training_time_adds_up_the_segments_of_a_resumed_log(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("# start at step 0: x\nstep 25 loss 1 elapsed 20s\nstep 50 loss 1 elapsed 41s\n"
+                   "# resume at step 50: x\nstep 75 loss 1 elapsed 19s\n# stopped at step 75\n")
+    assert train_module.logged_seconds(log) == 60
+    assert train_module.logged_seconds(tmp_path / "absent.log") == 0

@@ -143,8 +143,29 @@ def full_state(unet, text_encoder) -> dict:
             **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
 
 
+def logged_seconds(log_path: Path) -> float:
+    """Training time of a run from its log: each start or resume restarts the logged ``elapsed Ns``,
+    so the time is the sum of every segment's last value (up to the last logged step of each)."""
+    total, last = 0.0, 0.0
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        if " elapsed " in line and line.endswith("s"):
+            elapsed = float(line.rsplit(" elapsed ", 1)[1][:-1])
+            if elapsed < last:
+                total += last
+            last = elapsed
+    return total + last
+
+
+def autoencoder_record(name: str) -> dict:
+    """How the autoencoder a run learnt on was trained (its own run in ``runs/``)."""
+    ckpt = torch.load(RUNS_DIR / name / "ckpt.pt", map_location="cpu", weights_only=False)
+    return {"run": name, "command": ckpt["command"], "step": ckpt["step"], "batch": ckpt["args"]["batch"],
+            "seconds": round(logged_seconds(RUNS_DIR / name / "train.log"))}
+
+
 def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
-    """Write the EMA weights in fp16 safetensors plus a JSON with config, command and step."""
+    """Write the EMA weights in fp16 safetensors plus a JSON with config, command, step and training
+    time (and, for a learned latent, the autoencoder's)."""
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{stem}.safetensors"
@@ -152,13 +173,15 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     latent = DEFAULT_LATENT  # pixel-unshuffled images, unless the run learnt on an autoencoder's latents
     if "autoencoder" in ckpt:
         tensors.update({f"autoencoder.{k}": v for k, v in ckpt["autoencoder"].items()})
-        latent = {"kind": "autoencoder", "config": ckpt["autoencoder_config"]}
+        latent = {"kind": "autoencoder", "config": ckpt["autoencoder_config"],
+                  "training": autoencoder_record(ckpt["args"]["autoencoder"])}
     save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(out))
     args = ckpt["args"]
     out.with_suffix(".json").write_text(json.dumps({
         "model_config": ckpt["model_config"], "latent": latent,
         "scheduler_config": scheduler_config(args.get("beta_schedule", "linear"), clip_sample=latent == DEFAULT_LATENT),
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
+        "seconds": round(logged_seconds(run_dir / "train.log")),
         "train_args": args, "command": ckpt["command"],
         "export_command": f"python -m benchmark.models.train --name {args['name']} --export --export-name {stem}",
     }, indent=1) + "\n")
