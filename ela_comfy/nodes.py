@@ -11,7 +11,7 @@ setting is added in one place.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 from ela_ext.config import FIELD_BOUNDS, FIELD_CHOICES, FIELD_HELP, ConfigError, ElaConfig
 from ela_ext.entities import EntitySpecError, detect_entities, parse_spec
 
-from .columns import ColumnsError, EncoderTokens, describe, resolve_prompt
+from .columns import ColumnsError, EncoderTokens, JointLayout, describe, resolve_joint_prompt, resolve_prompt
 from .patch import AnchoringPatch
 from .report import RunReport
 
@@ -28,7 +28,7 @@ RUN_TYPE = "ELA_RUN"
 CATEGORY = "model_patches/ELA"
 # Accordion settings besides enabled/entities; save_masks is the report node's IMAGE output here.
 SETTINGS = ("lambda_weight", "window_start", "window_end", "max_iterations", "loss_threshold", "step_size",
-            "objective", "layers", "binarization")
+            "objective", "layers", "binarization", "joint_blocks")
 STEP = {"max_iterations": 1}
 DEFAULTS = ElaConfig()
 
@@ -45,7 +45,8 @@ def setting_input(name: str) -> tuple:
 
 def clip_encoders(clip: Any) -> list[EncoderTokens]:
     """The model's CLIP text encoders (``l``; ``h``; ``g`` and ``l``) with their end and pad ids.
-    Raises ColumnsError for an encoder that is not a 77-token CLIP (T5, Llama: other families)."""
+    Raises ColumnsError for an encoder that is not a 77-token CLIP (Llama and others: families
+    this pack does not anchor; SD3's and Flux's T5 go through ``joint_layout``)."""
     encoders = []
     for key in clip.tokenize(""):
         tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
@@ -53,6 +54,25 @@ def clip_encoders(clip: Any) -> list[EncoderTokens]:
             raise ColumnsError(f"text encoder {key!r} is not a 77-token CLIP (ELA anchors SD 1.x, SD 2.x and SDXL)")
         encoders.append(EncoderTokens(key, int(tokenizer.end_token), int(tokenizer.pad_token)))
     return encoders
+
+
+def joint_layout(clip: Any) -> Optional[JointLayout]:
+    """The conditioning layout of an MM-DiT text encoder (SD3's: the CLIPs loaded, then T5 if
+    loaded; Flux's: T5 alone), or None for a CLIP-only model of SD 1.x / 2.x / SDXL."""
+    model = clip.cond_stage_model
+    classes = {cls.__name__ for cls in type(model).__mro__}
+    tokenizer = clip.tokenizer
+    if "SD3ClipModel" in classes:
+        clip_keys = [key for key in ("l", "g") if getattr(model, f"clip_{key}", None) is not None]
+        has_t5 = getattr(model, "t5xxl", None) is not None
+    elif "FluxClipModel" in classes:
+        clip_keys, has_t5 = [], True
+    else:
+        return None
+    encoders = tuple(EncoderTokens(key, int(getattr(tokenizer, f"clip_{key}").end_token),
+                                   int(getattr(tokenizer, f"clip_{key}").pad_token)) for key in clip_keys)
+    t5 = EncoderTokens("t5xxl", int(tokenizer.t5xxl.end_token), int(tokenizer.t5xxl.pad_token)) if has_t5 else None
+    return JointLayout(encoders, t5)
 
 
 class ElaAnchoring:
@@ -77,7 +97,8 @@ class ElaAnchoring:
     FUNCTION = "patch"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Entity Localization and Anchoring: during early sampling, keeps each entity's "
-                   "cross-attention in its own region (KSampler, KSamplerAdvanced, SamplerCustom).")
+                   "cross-attention (SD 1.x, 2.x, SDXL) or joint text-image attention (SD3, Flux) in its own "
+                   "region (KSampler, KSamplerAdvanced, SamplerCustom).")
 
     def patch(self, model, clip, text, enabled, entities, **settings):
         report = RunReport(enabled)
@@ -86,7 +107,9 @@ class ElaAnchoring:
         try:
             config = ElaConfig.from_mapping({"enabled": True, "entities": entities, **settings})
             phrases = parse_spec(entities) or detect_entities(text)
-            columns = resolve_prompt(phrases, text, clip.tokenize, clip_encoders(clip))
+            layout = joint_layout(clip)
+            columns = (resolve_joint_prompt(phrases, text, clip.tokenize, layout) if layout is not None
+                       else resolve_prompt(phrases, text, clip.tokenize, clip_encoders(clip)))
         except (ConfigError, EntitySpecError, ColumnsError, ValueError) as error:
             report.warn_node(f"{error}: image left unanchored")
             return {"ui": {"text": [report.text()]}, "result": (model, report)}
