@@ -147,6 +147,26 @@ def resolve_joint_prompt(phrases: Sequence[EntityPhrase], text: str, tokenize: T
     return columns
 
 
+def joint_layout(clip: Any) -> Optional[JointLayout]:
+    """The conditioning layout of ComfyUI's CLIP object for an MM-DiT (SD3's ``SD3ClipModel``: the
+    CLIPs loaded, then T5 if loaded; Flux's ``FluxClipModel``: T5 alone), or None for the CLIP-only
+    models of SD 1.x / 2.x / SDXL. Classes are recognised by name, so no ComfyUI import is needed."""
+    model = clip.cond_stage_model
+    classes = {cls.__name__ for cls in type(model).__mro__}
+    tokenizer = clip.tokenizer
+    if "SD3ClipModel" in classes:
+        clip_keys = [key for key in ("l", "g") if getattr(model, f"clip_{key}", None) is not None]
+        has_t5 = getattr(model, "t5xxl", None) is not None
+    elif "FluxClipModel" in classes:
+        clip_keys, has_t5 = [], True
+    else:
+        return None
+    encoders = tuple(EncoderTokens(key, int(getattr(tokenizer, f"clip_{key}").end_token),
+                                   int(getattr(tokenizer, f"clip_{key}").pad_token)) for key in clip_keys)
+    t5 = EncoderTokens("t5xxl", int(tokenizer.t5xxl.end_token), int(tokenizer.t5xxl.pad_token)) if has_t5 else None
+    return JointLayout(encoders, t5)
+
+
 class ColumnsError(ValueError):
     """The prompt's columns cannot be anchored; the message says why."""
 

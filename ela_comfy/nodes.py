@@ -11,7 +11,7 @@ setting is added in one place.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 from ela_ext.config import FIELD_BOUNDS, FIELD_CHOICES, FIELD_HELP, ConfigError, ElaConfig
 from ela_ext.entities import EntitySpecError, detect_entities, parse_spec
 
-from .columns import ColumnsError, EncoderTokens, JointLayout, describe, resolve_joint_prompt, resolve_prompt
+from .columns import ColumnsError, EncoderTokens, describe, joint_layout, resolve_joint_prompt, resolve_prompt
 from .patch import AnchoringPatch
 from .report import RunReport
 
@@ -54,25 +54,6 @@ def clip_encoders(clip: Any) -> list[EncoderTokens]:
             raise ColumnsError(f"text encoder {key!r} is not a 77-token CLIP (ELA anchors SD 1.x, SD 2.x and SDXL)")
         encoders.append(EncoderTokens(key, int(tokenizer.end_token), int(tokenizer.pad_token)))
     return encoders
-
-
-def joint_layout(clip: Any) -> Optional[JointLayout]:
-    """The conditioning layout of an MM-DiT text encoder (SD3's: the CLIPs loaded, then T5 if
-    loaded; Flux's: T5 alone), or None for a CLIP-only model of SD 1.x / 2.x / SDXL."""
-    model = clip.cond_stage_model
-    classes = {cls.__name__ for cls in type(model).__mro__}
-    tokenizer = clip.tokenizer
-    if "SD3ClipModel" in classes:
-        clip_keys = [key for key in ("l", "g") if getattr(model, f"clip_{key}", None) is not None]
-        has_t5 = getattr(model, "t5xxl", None) is not None
-    elif "FluxClipModel" in classes:
-        clip_keys, has_t5 = [], True
-    else:
-        return None
-    encoders = tuple(EncoderTokens(key, int(getattr(tokenizer, f"clip_{key}").end_token),
-                                   int(getattr(tokenizer, f"clip_{key}").pad_token)) for key in clip_keys)
-    t5 = EncoderTokens("t5xxl", int(tokenizer.t5xxl.end_token), int(tokenizer.t5xxl.pad_token)) if has_t5 else None
-    return JointLayout(encoders, t5)
 
 
 class ElaAnchoring:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from ela_comfy.columns import ColumnsError, EncoderTokens, JointLayout, resolve_joint_prompt
+from ela_comfy.columns import ColumnsError, EncoderTokens, JointLayout, joint_layout, resolve_joint_prompt
 from ela_ext.entities import parse_spec
 from ela_ext.tokens import CHUNK_LENGTH, EntityNotInPromptError
 
@@ -65,3 +66,31 @@ def test_detected_entities_and_errors():
         resolve_joint_prompt(parse_spec("cat"), PROMPT, host_tokenize("flux"), JointLayout((), T5))
     with pytest.raises(ColumnsError):
         resolve_joint_prompt(parse_spec("cat | frog"), PROMPT, host_tokenize("flux"), JointLayout())
+
+
+class SD3ClipModel:  # stand-ins named as ComfyUI's text encoder classes (comfy/text_encoders)
+    def __init__(self, clip_l=None, clip_g=None, t5xxl=None):
+        self.clip_l, self.clip_g, self.t5xxl = clip_l, clip_g, t5xxl
+
+
+class FluxClipModel:
+    clip_l = t5xxl = object()
+
+
+class SDXLClipModel:
+    pass
+
+
+TOKENIZER = SimpleNamespace(clip_l=SimpleNamespace(end_token=49407, pad_token=49407),
+                            clip_g=SimpleNamespace(end_token=49407, pad_token=0),
+                            t5xxl=SimpleNamespace(end_token=1, pad_token=0))
+
+
+@pytest.mark.parametrize("model, layout", [
+    (type("SD3ClipModel_", (SD3ClipModel,), {})(clip_l=object()), JointLayout((CLIP_L,))),
+    (SD3ClipModel(clip_l=object(), clip_g=object(), t5xxl=object()), JointLayout((CLIP_L, CLIP_G), T5)),
+    (SD3ClipModel(t5xxl=object()), JointLayout((), T5)),
+    (type("FluxClipModel_", (FluxClipModel,), {})(), JointLayout((), T5)),
+    (SDXLClipModel(), None)], ids=["sd3 clip-l (CLIPLoader sd3)", "sd3 triple", "sd3 t5", "flux", "sdxl"])
+def test_the_layout_comes_from_the_loaded_encoders(model, layout):
+    assert joint_layout(SimpleNamespace(cond_stage_model=model, tokenizer=TOKENIZER)) == layout

@@ -22,7 +22,6 @@ import pytest
 from comfy_host import GRID_NODE, SAMPLER_NODE, WORKFLOW, without_ela
 from test_comfyui import api_from_ui
 
-PROMPT = "a black cat and a green frog"
 TINY = {"sd3": "diffusion_models/tiny-sd3-mmdit.safetensors", "flux": "diffusion_models/tiny-flux.safetensors",
         "clip": "text_encoders/tiny-clip-l.safetensors", "sd3_vae": "vae/tiny-taesd3.safetensors",
         "flux_vae": "vae/tiny-taef1.safetensors", "sd3_ckpt": "checkpoints/tiny-sd3.safetensors"}
@@ -54,11 +53,6 @@ def mmdit_workflow(family: str, steps: int = 8, seed: int = 42, size: int = 64, 
     return prompt
 
 
-def plain(prompt: dict) -> dict:
-    """The workflow without the ELA nodes: the sampler takes the loader's model."""
-    return without_ela(prompt)
-
-
 def differs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(int) - b.astype(int)).mean())
 
@@ -83,11 +77,11 @@ def test_anchoring_changes_the_image_and_the_loss_falls(tiny_models, family):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_off_and_a_plain_run_after_an_anchored_one_are_pixel_identical_to_no_node(tiny_models, family):
     comfy = tiny_models
-    absent = comfy.run(plain(mmdit_workflow(family)))
+    absent = comfy.run(without_ela(mmdit_workflow(family)))
     off = comfy.run(mmdit_workflow(family, enabled=False))
     assert np.array_equal(off.pixels(), absent.pixels())
     assert comfy.run(mmdit_workflow(family)).summary()[0] == 3
-    again = comfy.run(plain(mmdit_workflow(family)))
+    again = comfy.run(without_ela(mmdit_workflow(family)))
     assert np.array_equal(again.pixels(), absent.pixels())
 
 
@@ -110,7 +104,7 @@ def test_a_batch_of_two_at_cfg_1_anchors_both_flux_images(tiny_models):
     prompt["4"]["inputs"]["batch_size"] = 2
     on = comfy.run(prompt)
     assert on.summary()[:2] == (2, 4), on.text()
-    off = comfy.run(plain(prompt))
+    off = comfy.run(without_ela(prompt))
     for anchored, unanchored in zip(on.entry["outputs"]["8"]["images"], off.entry["outputs"]["8"]["images"]):
         assert not np.array_equal(comfy.image(anchored), comfy.image(unanchored))
 
