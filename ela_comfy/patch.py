@@ -40,7 +40,7 @@ cfg 1 (no unconditional batch) anchor as any other: the pass needs only the posi
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -69,15 +69,22 @@ logger = logging.getLogger("ela")
 
 class NormalWeights:
     """The module's inference-tensor Parameters and buffers replaced by normal clones (same
-    values, ``requires_grad=False``) until ``restore``, which puts the originals back."""
+    values, ``requires_grad=False``) until ``restore``, which puts the originals back.
 
-    def __init__(self, module: nn.Module):
+    ``unused``: submodules the truncated grad pass never runs, left as they are: an MM-DiT's
+    blocks after the last one read (and Flux's single-stream blocks) are most of its weights,
+    and a clone of them would only cost memory."""
+
+    def __init__(self, module: nn.Module, unused: Sequence[nn.Module] = ()):
         self.module = module
+        self._unused = {id(inner) for outer in unused for inner in outer.modules()}
         self._originals: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
 
     def swap_in(self) -> None:
         with torch.inference_mode(False):
             for owner in self.module.modules():
+                if id(owner) in self._unused:
+                    continue
                 for name, parameter in list(owner._parameters.items()):
                     if parameter is not None and parameter.is_inference():
                         self._originals.append((owner, name, True, parameter))
@@ -108,6 +115,15 @@ def joint_blocks(diffusion_model: nn.Module) -> Optional[nn.ModuleList]:
     if isinstance(diffusion_model, Flux):
         return diffusion_model.double_blocks
     return None
+
+
+def unused_by_grad_pass(diffusion_model: nn.Module, capture: JointAttentionCapture) -> list[nn.Module]:
+    """What a truncated joint grad pass never runs: the joint blocks after the last one read,
+    Flux's single-stream blocks and the final layer (the pass stops inside the last read block)."""
+    blocks = joint_blocks(diffusion_model)
+    unused = list(blocks[max(capture.blocks) + 1:]) if blocks is not None else []
+    return unused + [module for name in ("single_blocks", "final_layer")
+                     if isinstance(module := getattr(diffusion_model, name, None), nn.Module)]
 
 
 def recording_block(block: int, capture: JointAttentionCapture, previous: Any, diffusion_model: nn.Module) -> Any:
@@ -196,17 +212,19 @@ class AnchoredRun:
         self.counter = StepCounter(getattr(function, "__name__", ""), sigmas.tolist(), eta)
         self.warnings: list[str] = []
         self.session: Optional[AnchoringSession] = None
-        self.weights = NormalWeights(guider.inner_model.diffusion_model)
+        diffusion_model = guider.inner_model.diffusion_model
+        self.weights = NormalWeights(diffusion_model)
         problem = unanchorable_run(guider, patch.prompt_cond, extra_args)
         if problem:
             self.warn(f"{problem}: image left unanchored")
         else:
             self.positive = guider.conds["positive"]
             self.sampling = guider.inner_model.model_sampling
-            diffusion_model = guider.inner_model.diffusion_model
             blocks = joint_blocks(diffusion_model)
             self.capture = None if blocks is None else JointAttentionCapture(
                 choose_blocks(len(blocks), patch.config.joint_blocks))
+            if self.capture is not None:
+                self.weights = NormalWeights(diffusion_model, unused_by_grad_pass(diffusion_model, self.capture))
             self.session = AnchoringSession(diffusion_model, patch.config, [patch.columns] * batch,
                                             capture=self.capture)
 
