@@ -172,7 +172,8 @@ def joint_capture_options(options: dict, capture: JointAttentionCapture, diffusi
 def sampler_space(sampling: Any, sigma: float) -> Optional[SamplerSpace]:
     """The space ComfyUI's samplers hold the latent in for this model, or None if not supported."""
     calculate_input = type(sampling).calculate_input
-    if calculate_input is comfy.model_sampling.EPS.calculate_input and float(getattr(sampling, "sigma_data", 1.0)) == 1.0:
+    if calculate_input is comfy.model_sampling.EPS.calculate_input \
+            and float(getattr(sampling, "sigma_data", 1.0)) == 1.0:
         return SamplerSpace.from_sigma(sigma)
     if calculate_input is comfy.model_sampling.CONST.calculate_input:
         return SamplerSpace.from_flow_sigma(sigma)

@@ -256,7 +256,8 @@ def weights_frozen(module: nn.Module) -> Iterator[None]:
     """
     # Inference tensors (a host's weights loaded under ``torch.inference_mode``) are left alone:
     # autograd never records them, and their flag cannot be set back outside inference mode.
-    thawed = [parameter for parameter in module.parameters() if parameter.requires_grad and not parameter.is_inference()]
+    thawed = [parameter for parameter in module.parameters()
+              if parameter.requires_grad and not parameter.is_inference()]
     try:
         for parameter in thawed:
             parameter.requires_grad_(False)

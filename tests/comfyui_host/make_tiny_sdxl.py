@@ -16,7 +16,8 @@ Writes ``diffusion_models/tiny-sdxl-koala.safetensors``, ``text_encoders/tiny-cl
 (unless present), ``text_encoders/tiny-clip-l.safetensors`` (unless present) and
 ``vae/tiny-sd-vae.safetensors``; nothing is downloaded.
 
-Usage: cd $ELA_COMFY/ComfyUI && OMP_NUM_THREADS=1 PYTHONPATH=. $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/make_tiny_sdxl.py
+Usage: cd $ELA_COMFY/ComfyUI && OMP_NUM_THREADS=1 PYTHONPATH=. $ELA_COMFY/venv/bin/python \
+    <checkout>/tests/comfyui_host/make_tiny_sdxl.py
 """
 
 import json
@@ -53,7 +54,8 @@ def randomise(module, generator):
             if "embedding" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
             elif parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(math.prod(parameter.shape[1:])))
+                fan_in = math.prod(parameter.shape[1:])
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
             elif name.endswith(".weight"):
                 parameter.copy_(1.0 + 0.05 * torch.randn(parameter.shape, generator=generator))
             else:
