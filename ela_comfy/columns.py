@@ -12,19 +12,25 @@ them with the same tokenizer, so the columns are those the sampler's conditionin
 embedding's vectors have no BPE id: each distinct vector gets a negative id of its own
 (``EmbeddingIds``), and a spec word ``embedding:name`` tokenised alone gives the same vectors and
 so the same ids. Host-free (only torch): the host hands in its tokenizer as a function.
+
+MM-DiT text encoders (``resolve_joint_prompt``): SD3's ``SD3ClipModel`` conditions on CLIP-L and
+CLIP-G side by side in columns 0-76 per chunk (whichever are loaded), then T5 (``t5xxl``, if
+loaded) after them along the sequence; Flux's ``FluxClipModel`` on T5 alone (its CLIP-L gives the
+pooled vector only). ``JointLayout`` says which of these reach the conditioning.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from ela_ext.anchoring import unanchorable_reason
 from ela_ext.entities import EntityPhrase
-from ela_ext.tokens import EntityColumns, resolve_entities, token_table
+from ela_ext.tokens import (CHUNK_LENGTH, EntityColumns, joint_columns, resolve_entities, resolve_t5_entities,
+                            token_table)
 
 # ``(token, weight[, word id])`` chunks of one encoder, as ComfyUI's tokenizer returns them.
 TokenChunks = Sequence[Sequence[Sequence[Any]]]
@@ -102,6 +108,63 @@ def resolve_prompt(phrases: Sequence[EntityPhrase], text: str, tokenize: Tokeniz
     if reason:
         raise ColumnsError(reason)
     return columns
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """The parts of an MM-DiT conditioning: CLIP encoders sharing columns 0-76 per chunk, then T5
+    (its tokenizer key, end and pad ids) after them, or T5 alone."""
+
+    clip: tuple[EncoderTokens, ...] = ()
+    t5: Optional[EncoderTokens] = None
+
+
+def resolve_joint_prompt(phrases: Sequence[EntityPhrase], text: str, tokenize: Tokenize,
+                         layout: JointLayout) -> EntityColumns:
+    """The phrases' columns in an MM-DiT conditioning of ``text`` (``ela_ext.tokens.joint_columns``).
+
+    Raises ``EntitySpecError`` and ``ColumnsError`` as ``resolve_prompt`` does.
+    """
+    if not layout.clip and layout.t5 is None:
+        raise ColumnsError("the text encoder has neither CLIP nor T5 loaded")
+    clip = resolve_prompt(phrases, text, tokenize, layout.clip) if layout.clip else None
+    t5 = None
+    if layout.t5 is not None:
+        key, end, pad = layout.t5.key, layout.t5.end_id, layout.t5.pad_id
+        offset = CHUNK_LENGTH * len(tokenize(text)[layout.clip[0].key]) if layout.clip else 0
+        embeddings = EmbeddingIds()
+        ids = [token_id for chunk in id_chunks(tokenize(text)[key], embeddings) for token_id in chunk]
+
+        def tokenize_word(word: str) -> list[int]:
+            word_ids = [token_id for chunk in id_chunks(tokenize(word)[key], embeddings) for token_id in chunk]
+            return word_ids[:word_ids.index(end)] if end in word_ids else word_ids
+
+        t5 = resolve_t5_entities(phrases, ids, tokenize_word, offset=offset, end_id=end, pad_id=pad)
+    columns = joint_columns(clip, t5)
+    reason = unanchorable_reason(columns)
+    if reason:
+        raise ColumnsError(reason)
+    return columns
+
+
+def joint_layout(clip: Any) -> Optional[JointLayout]:
+    """The conditioning layout of ComfyUI's CLIP object for an MM-DiT (SD3's ``SD3ClipModel``: the
+    CLIPs loaded, then T5 if loaded; Flux's ``FluxClipModel``: T5 alone), or None for the CLIP-only
+    models of SD 1.x / 2.x / SDXL. Classes are recognised by name, so no ComfyUI import is needed."""
+    model = clip.cond_stage_model
+    classes = {cls.__name__ for cls in type(model).__mro__}
+    tokenizer = clip.tokenizer
+    if "SD3ClipModel" in classes:
+        clip_keys = [key for key in ("l", "g") if getattr(model, f"clip_{key}", None) is not None]
+        has_t5 = getattr(model, "t5xxl", None) is not None
+    elif "FluxClipModel" in classes:
+        clip_keys, has_t5 = [], True
+    else:
+        return None
+    encoders = tuple(EncoderTokens(key, int(getattr(tokenizer, f"clip_{key}").end_token),
+                                   int(getattr(tokenizer, f"clip_{key}").pad_token)) for key in clip_keys)
+    t5 = EncoderTokens("t5xxl", int(tokenizer.t5xxl.end_token), int(tokenizer.t5xxl.pad_token)) if has_t5 else None
+    return JointLayout(encoders, t5)
 
 
 class ColumnsError(ValueError):

@@ -20,7 +20,7 @@ from PIL import Image
 from ela_ext.config import FIELD_BOUNDS, FIELD_CHOICES, FIELD_HELP, ConfigError, ElaConfig
 from ela_ext.entities import EntitySpecError, detect_entities, parse_spec
 
-from .columns import ColumnsError, EncoderTokens, describe, resolve_prompt
+from .columns import ColumnsError, EncoderTokens, describe, joint_layout, resolve_joint_prompt, resolve_prompt
 from .patch import AnchoringPatch
 from .report import RunReport
 
@@ -28,7 +28,7 @@ RUN_TYPE = "ELA_RUN"
 CATEGORY = "model_patches/ELA"
 # Accordion settings besides enabled/entities; save_masks is the report node's IMAGE output here.
 SETTINGS = ("lambda_weight", "window_start", "window_end", "max_iterations", "loss_threshold", "step_size",
-            "objective", "layers", "binarization")
+            "objective", "layers", "binarization", "joint_blocks")
 STEP = {"max_iterations": 1}
 DEFAULTS = ElaConfig()
 
@@ -45,7 +45,8 @@ def setting_input(name: str) -> tuple:
 
 def clip_encoders(clip: Any) -> list[EncoderTokens]:
     """The model's CLIP text encoders (``l``; ``h``; ``g`` and ``l``) with their end and pad ids.
-    Raises ColumnsError for an encoder that is not a 77-token CLIP (T5, Llama: other families)."""
+    Raises ColumnsError for an encoder that is not a 77-token CLIP (Llama and others: families
+    this pack does not anchor; SD3's and Flux's T5 go through ``joint_layout``)."""
     encoders = []
     for key in clip.tokenize(""):
         tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
@@ -77,7 +78,8 @@ class ElaAnchoring:
     FUNCTION = "patch"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Entity Localization and Anchoring: during early sampling, keeps each entity's "
-                   "cross-attention in its own region (KSampler, KSamplerAdvanced, SamplerCustom).")
+                   "cross-attention (SD 1.x, 2.x, SDXL) or joint text-image attention (SD3, Flux) in its own "
+                   "region (KSampler, KSamplerAdvanced, SamplerCustom).")
 
     def patch(self, model, clip, text, enabled, entities, **settings):
         report = RunReport(enabled)
@@ -86,7 +88,9 @@ class ElaAnchoring:
         try:
             config = ElaConfig.from_mapping({"enabled": True, "entities": entities, **settings})
             phrases = parse_spec(entities) or detect_entities(text)
-            columns = resolve_prompt(phrases, text, clip.tokenize, clip_encoders(clip))
+            layout = joint_layout(clip)
+            columns = (resolve_joint_prompt(phrases, text, clip.tokenize, layout) if layout is not None
+                       else resolve_prompt(phrases, text, clip.tokenize, clip_encoders(clip)))
         except (ConfigError, EntitySpecError, ColumnsError, ValueError) as error:
             report.warn_node(f"{error}: image left unanchored")
             return {"ui": {"text": [report.text()]}, "result": (model, report)}

@@ -6,10 +6,10 @@ hold ``x`` with ``z_t = c_in * x``, ``c_in = 1 / sqrt(sigma^2 + 1)``; DDIM/PLMS/
 flow-matching models (SD3, Flux: ``x_t = (1 - sigma) x_0 + sigma * noise``, ``sigma`` in [0, 1],
 the model predicting the velocity ``noise - x_0``) are sampled on ``x_t`` itself, which the model
 sees as it is (``SamplerSpace.from_flow_sigma``). The step is taken in the model-input space and
-converted back, so one setting means the same under every sampler. The anchoring window is in
-fractions of the steps run for every family (``in_window``); under a flow model's shifted
-schedule the first 30% of the steps cover more than 30% of the sigma range, as SD's do. Its size is normalised (a decision, see ``latent_step``) so it means the same on every
-model: raw latent-gradient norms differ by orders of magnitude between a small model and SD.
+converted back, so one setting means the same under every sampler. Its size is normalised (a
+decision, see ``latent_step``) so it means the same on every model: raw latent-gradient norms
+differ by orders of magnitude between a small model and SD. The anchoring window is in fractions
+of the steps run for every family (``in_window``), flow models included.
 """
 
 from __future__ import annotations

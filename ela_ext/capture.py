@@ -254,7 +254,10 @@ def weights_frozen(module: nn.Module) -> Iterator[None]:
     ``python -m benchmark.studies.grad_pass_profile --latent 64 --weights-frozen --saved-only``); time
     was unchanged within noise on CPU.
     """
-    thawed = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    # Inference tensors (a host's weights loaded under ``torch.inference_mode``) are left alone:
+    # autograd never records them, and their flag cannot be set back outside inference mode.
+    thawed = [parameter for parameter in module.parameters()
+              if parameter.requires_grad and not parameter.is_inference()]
     try:
         for parameter in thawed:
             parameter.requires_grad_(False)

@@ -1,15 +1,15 @@
-"""One generation's anchoring: the object a host (the WebUI script, the diffusers adapter) holds
-from the first sampling step to the last.
+"""One generation's anchoring: the object a host (the WebUI script, the diffusers adapter) holds from
+the first sampling step to the last.
 
-It owns what outlives a single step: the chosen layers, the entity targets per image, the loss
-log, the maps for the mask grids and the warnings. A UNet's maps come from its cross-attention
-layers (``capture.AttentionCapture``, found by ``config.layers``); an MM-DiT's from its joint
-attention, through a ``joint_attention.JointAttentionCapture`` the host creates, hooks into its
-attention and passes as ``capture`` (the host knows where its attention runs; the engine does
-not). Hooks and captures are live only inside ``maybe_anchor``; any failure there (a non-finite value, out of memory, a bug) is logged once, the latent is returned
-unchanged and anchoring stops for the rest of the generation, so the image is what it would have
-been with ELA off from that step on. A UNet whose cross-attention layers cannot be found is
-warned about once and never anchored.
+It owns what outlives a single step: the chosen layers, the entity targets per image, the loss log,
+the maps for the mask grids and the warnings. A UNet's maps come from its cross-attention layers
+(``capture.AttentionCapture``, found by ``config.layers``); an MM-DiT's from its joint attention,
+through a ``joint_attention.JointAttentionCapture`` the host creates, hooks into its attention and
+passes as ``capture`` (the host knows where its attention runs; the engine does not). Hooks and
+captures are live only inside ``maybe_anchor``; any failure there (a non-finite value, out of
+memory, a bug) is logged once, the latent is returned unchanged and anchoring stops for the rest of
+the generation, so the image is what it would have been with ELA off from that step on. A UNet
+whose cross-attention layers cannot be found is warned about once and never anchored.
 """
 
 from __future__ import annotations

@@ -208,3 +208,15 @@ def test_weights_take_no_gradient_in_a_grad_pass_and_their_flags_come_back(tiny_
         assert all(parameter.grad is None for parameter in tiny_unet.parameters())
     finally:
         frozen_by_host.requires_grad_(True)
+
+
+def test_weights_frozen_leaves_inference_tensors_alone():
+    """A host's weights loaded under inference mode (ComfyUI's, for the blocks a truncated pass
+    never runs) keep their flag: it could not be set back outside inference mode."""
+    live = nn.Linear(2, 2)
+    with torch.inference_mode():
+        loaded = nn.Linear(2, 2)
+    model = nn.Sequential(live, loaded)
+    with weights_frozen(model):
+        assert not live.weight.requires_grad
+    assert live.weight.requires_grad and loaded.weight.is_inference()

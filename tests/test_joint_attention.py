@@ -208,10 +208,7 @@ def test_anchoring_a_tiny_mmdit_lowers_the_loss_and_moves_the_latent(mmdit, text
     space = SamplerSpace.from_flow_sigma(0.9)
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     capture = JointAttentionCapture(choose_blocks(len(mmdit.joint_blocks), "middle"))
-    forward_calls = []
-
     def forward(x):
-        forward_calls.append(x)
         return mmdit(x, torch.full((1,), 0.9), text, attention=hooked(capture))
 
     with capture.capturing(latent.shape[-2:]):

@@ -19,7 +19,8 @@ from torch import nn
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def plain_attention(block: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+def plain_attention(block: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    heads: int) -> torch.Tensor:
     batch, length, width = query.shape
     q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (query, key, value))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)

@@ -3,7 +3,8 @@
 Run with the prepared ComfyUI's Python, from its checkout, after the tiny models are built
 (comfy-host/mmdit/make_tiny_sd3.py and make_tiny_flux.py):
 
-    cd $ELA_COMFY/ComfyUI && PYTHONPATH=. $ELA_COMFY/venv/bin/python <checkout>/tests/comfyui_host/record_mmdit_fixtures.py \
+    cd $ELA_COMFY/ComfyUI && PYTHONPATH=. $ELA_COMFY/venv/bin/python \
+        <checkout>/tests/comfyui_host/record_mmdit_fixtures.py \
         <checkout>/tests/fixtures
 
 It writes ``comfy_mmdit_tokens.json``: ``CLIP.tokenize`` output of ComfyUI's SD3 tokenizer (CLIP-L,

@@ -271,7 +271,7 @@ def api_from_ui(ui: dict, object_info: dict) -> dict:
                 inputs[name] = [str(origin), origin_slot]
             else:
                 inputs[name] = next(values)
-                if specs[name][1].get("control_after_generate"):
+                if len(specs[name]) > 1 and specs[name][1].get("control_after_generate"):
                     assert next(values) == "fixed"
         assert next(values, None) is None, f"{node['type']}: widget values left over"
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

@@ -1,0 +1,121 @@
+"""The node pack on MM-DiT models in a real ComfyUI (v0.3.64, CPU), through the example workflows
+``ela_comfy/workflows/sd3_api.json`` and ``flux_api.json`` with the tiny random models of
+``comfy-host/mmdit`` (``make_tiny_sd3.py``: MMDiT depth 2 + full-size random CLIP-L + TAESD3;
+``make_tiny_flux.py``: Flux with 1 double block, 770 MB). Users' text encoders are too big here:
+SD3's TripleCLIPLoader and Flux's DualCLIPLoader are replaced by CLIPLoader(tiny CLIP-L,
+``type=sd3``), so the conditioning is CLIP-L's 77 columns (T5's columns are tested host-free,
+tests/test_comfy_mmdit_glue.py). Flux samples at cfg 1, as its guidance-distilled models do: no
+unconditional batch.
+
+Images are noise: these check the mechanics (anchoring runs with a falling loss and changes the
+image; off and absent are pixel-identical; nothing outlives a prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from comfy_host import GRID_NODE, SAMPLER_NODE, WORKFLOW, without_ela
+from test_comfyui import api_from_ui
+
+TINY = {"sd3": "diffusion_models/tiny-sd3-mmdit.safetensors", "flux": "diffusion_models/tiny-flux.safetensors",
+        "clip": "text_encoders/tiny-clip-l.safetensors", "sd3_vae": "vae/tiny-taesd3.safetensors",
+        "flux_vae": "vae/tiny-taef1.safetensors", "sd3_ckpt": "checkpoints/tiny-sd3.safetensors"}
+TINY_CLIP = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny-clip-l.safetensors", "type": "sd3",
+                                                    "device": "default"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(comfy):
+    missing = [path for path in TINY.values() if not (comfy.root / "ComfyUI" / "models" / path).exists()]
+    if missing:
+        pytest.skip(f"tiny MM-DiT models missing ({', '.join(missing)}): run comfy-host/mmdit/make_tiny_sd3.py "
+                    "and make_tiny_flux.py")
+    return comfy
+
+
+def mmdit_workflow(family: str, steps: int = 8, seed: int = 42, size: int = 64, **ela) -> dict:
+    """The example workflow on the tiny models; ``ela`` changes the node's inputs."""
+    prompt = json.loads((WORKFLOW.parent / f"{family}_api.json").read_text())
+    prompt["12"] = json.loads(json.dumps(TINY_CLIP))
+    if family == "sd3":
+        prompt["1"]["inputs"]["ckpt_name"] = "tiny-sd3.safetensors"
+    else:
+        prompt["1"]["inputs"]["unet_name"] = "tiny-flux.safetensors"
+        prompt["13"]["inputs"]["vae_name"] = "tiny-taef1.safetensors"
+    prompt["4"]["inputs"].update(width=size, height=size)
+    prompt[SAMPLER_NODE]["inputs"].update(steps=steps, seed=seed)
+    prompt["5"]["inputs"].update(ela)
+    return prompt
+
+
+def differs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_anchoring_changes_the_image_and_the_loss_falls(tiny_models, family):
+    comfy = tiny_models
+    on = comfy.run(mmdit_workflow(family))
+    off = comfy.run(mmdit_workflow(family, enabled=False))
+    anchored, updates, first, last = on.summary()
+    assert (anchored, updates) == (3, 15), on.text()
+    assert last < first, on.text()
+    assert "anchoring stopped" not in on.text() and "left unanchored" not in on.text(), on.text()
+    assert differs(on.pixels(), off.pixels()) > 0.5
+    grid = on.pixels(GRID_NODE)
+    assert grid.shape[0] > 64 and grid.shape[1] > 64
+    target = os.environ.get(f"ELA_COMFY_MASK_GRID_{family.upper()}")
+    if target:
+        shutil.copy(comfy.root / "output" / on.entry["outputs"][GRID_NODE]["images"][0]["filename"], target)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_off_and_a_plain_run_after_an_anchored_one_are_pixel_identical_to_no_node(tiny_models, family):
+    comfy = tiny_models
+    absent = comfy.run(without_ela(mmdit_workflow(family)))
+    off = comfy.run(mmdit_workflow(family, enabled=False))
+    assert np.array_equal(off.pixels(), absent.pixels())
+    assert comfy.run(mmdit_workflow(family)).summary()[0] == 3
+    again = comfy.run(without_ela(mmdit_workflow(family)))
+    assert np.array_equal(again.pixels(), absent.pixels())
+
+
+def test_sd3_through_the_separate_loaders_and_every_block_choice(tiny_models):
+    """UNETLoader + CLIPLoader + VAELoader, as users load a bare MMDiT; each joint block choice anchors."""
+    comfy = tiny_models
+    for choice in ("early", "middle", "all"):
+        prompt = mmdit_workflow("sd3", steps=4, joint_blocks=choice, max_iterations=2)
+        prompt["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd3-mmdit.safetensors",
+                                                               "weight_dtype": "default"}}
+        prompt["13"] = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-taesd3.safetensors"}}
+        prompt["7"]["inputs"]["vae"] = ["13", 0]
+        anchored, updates, first, last = comfy.run(prompt).summary()
+        assert (anchored, updates) == (2, 4) and last < first
+
+
+def test_a_batch_of_two_at_cfg_1_anchors_both_flux_images(tiny_models):
+    comfy = tiny_models
+    prompt = mmdit_workflow("flux", steps=4, max_iterations=2)
+    prompt["4"]["inputs"]["batch_size"] = 2
+    on = comfy.run(prompt)
+    assert on.summary()[:2] == (2, 4), on.text()
+    off = comfy.run(without_ela(prompt))
+    for anchored, unanchored in zip(on.entry["outputs"]["8"]["images"], off.entry["outputs"]["8"]["images"]):
+        assert not np.array_equal(comfy.image(anchored), comfy.image(unanchored))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_ui_workflows_are_the_api_workflows(tiny_models, family):
+    """The drag-and-drop examples queue exactly the API-format ones (with the server's node
+    definitions), and the API ones run once their model names are the tiny models'."""
+    comfy = tiny_models
+    _, object_info = comfy.request("GET", "/object_info")
+    folder = WORKFLOW.parent
+    api = json.loads((folder / f"{family}_api.json").read_text())
+    assert api_from_ui(json.loads((folder / f"{family}_ui.json").read_text()), object_info) == api
+    assert comfy.run(mmdit_workflow(family, steps=2)).ok
