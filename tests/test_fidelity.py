@@ -87,5 +87,5 @@ def test_the_command_on_a_tiny_model_prints_every_part_for_both_models(tiny_weig
         assert any(line.startswith(f"{part} ") for line in lines[2:])
     main(["--weights", str(tiny_weights), "--parts", "c,d", "--json", *sizes])
     report_json = json.loads(capsys.readouterr().out)
-    assert set(report_json["model"]) == set(report_json["bundled_model"]) == {"c", "d"}
+    assert set(report_json["model"]) == set(report_json["reference_model"]) == {"c", "d"}
     assert report_json["model"]["c"]["images"] == 2

@@ -1,7 +1,8 @@
 """How far a benchmark model behaves like Stable Diffusion where our methods need it to: the yardstick
-for a model to test them on, printed for the model given and for the bundled one side by side.
+for a model to test them on, printed for the model given and, beside it, for a reference (the bundled
+one unless ``--reference`` names another).
 
-    python -m benchmark.commands.fidelity [--weights FILE] [--parts a,b,c,d,e,f | --skip f] [--json]
+    python -m benchmark.commands.fidelity [--weights FILE] [--reference FILE] [--parts a,b,c,d,e,f | --skip f] [--json]
         [--prompts-per-family 8] [--prompt-seed 0] [--seeds 8] [--steps 20] [--guidance 5]
         [--steer-families held_out,seen] [--window 0.3] [--scenes 64] [--timesteps 900,700,500]
         [--finetune-steps 400]
@@ -328,13 +329,14 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def print_table(given: dict, bundled: dict, given_name: str, out=None) -> None:
-    """Rows a-f, columns: the model given, the bundled one."""
+def print_table(given: dict, reference: dict, given_name: str, reference_name: str, out=None) -> None:
+    """Rows a-f, columns: the model given, the reference (the bundled one unless named)."""
     out = out or sys.stdout
-    left, right = table_rows(given), dict(table_rows(bundled))
+    left, right = table_rows(given), dict(table_rows(reference))
     label_width = max(len(label) for label, _ in left)
-    width = max(len(given_name), *(len(cell) for _, cell in left), *(len(cell) for cell in right.values()))
-    print(f"{'part':{label_width}s}  {given_name:>{width}s}  {'bundled':>{width}s}", file=out)
+    width = max(len(given_name), len(reference_name), *(len(cell) for _, cell in left),
+                *(len(cell) for cell in right.values()))
+    print(f"{'part':{label_width}s}  {given_name:>{width}s}  {reference_name:>{width}s}", file=out)
     for label, cell in left:
         print(f"{label:{label_width}s}  {cell:>{width}s}  {right[label]:>{width}s}", file=out)
 
@@ -343,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Sizes()
     parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS, help="the model held against SD")
+    parser.add_argument("--reference", type=Path, default=BUNDLED_WEIGHTS,
+                        help="the model measured beside it (default: the bundled one)")
     parser.add_argument("--parts", default=",".join(PARTS), help="of a,b,c,d,e,f")
     parser.add_argument("--skip", default="", help="parts left out, e.g. f (minutes of training)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -375,19 +379,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     progress(f"model {args.weights}")
     given = measure(load_model(args.weights), sizes, parts, progress)
-    same = args.weights.resolve() == BUNDLED_WEIGHTS.resolve()
+    same = args.weights.resolve() == args.reference.resolve()
     if not same:
-        progress(f"bundled {BUNDLED_WEIGHTS}")
-    bundled = given if same else measure(load_model(BUNDLED_WEIGHTS), sizes, parts, progress)
+        progress(f"reference {args.reference}")
+    reference = given if same else measure(load_model(args.reference), sizes, parts, progress)
     if args.json:
-        print(json.dumps({"weights": str(args.weights), "bundled": str(BUNDLED_WEIGHTS), "sizes": asdict(sizes),
-                          "parts": parts, "model": given, "bundled_model": bundled}, indent=2))
+        print(json.dumps({"weights": str(args.weights), "reference": str(args.reference), "sizes": asdict(sizes),
+                          "parts": parts, "model": given, "reference_model": reference}, indent=2))
         return
     print(f"{len(sizes.seeds)} seeds; a-c: {','.join(sizes.steer_families)}, e: {','.join(BLEEDING_FAMILIES)}, "
           f"{sizes.prompts_per_family} prompts each (prompt seed {sizes.prompt_seed}); DDIM {sizes.steps} steps, "
           f"guidance {sizes.guidance}, window {sizes.window}; d: {sizes.scenes} scenes at t = "
           f"{','.join(map(str, sizes.timesteps))}; f: {sizes.finetune_steps} training steps")
-    print_table(given, bundled, args.weights.stem if not same else "bundled (given)")
+    reference_name = "bundled" if args.reference.resolve() == BUNDLED_WEIGHTS.resolve() else args.reference.stem
+    print_table(given, reference, args.weights.stem if not same else f"{reference_name} (given)", reference_name)
 
 
 if __name__ == "__main__":
