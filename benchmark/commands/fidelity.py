@@ -2,8 +2,8 @@
 for a model to test them on, printed for the model given and, beside it, for a reference (the bundled
 one unless ``--reference`` names another).
 
-    python -m benchmark.commands.fidelity [--weights FILE] [--reference FILE] [--parts a,b,c,d,e,f | --skip f] [--json]
-        [--prompts-per-family 8] [--prompt-seed 0] [--seeds 8] [--steps 20] [--guidance 5]
+    python -m benchmark.commands.fidelity [--weights FILE] [--reference FILE] [--parts a,b,c,d,e,f | --skip f]
+        [--json] [--prompts-per-family 8] [--prompt-seed 0] [--seeds 8] [--steps 20] [--guidance 5]
         [--steer-families held_out,seen] [--window 0.3] [--scenes 64] [--timesteps 900,700,500]
         [--finetune-steps 400]
 
