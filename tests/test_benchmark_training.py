@@ -28,7 +28,6 @@ UNET_ARGS = ["--batch", "2", "--block-channels", "16,32", "--attention-levels", 
 def runs(tmp_path, monkeypatch):
     monkeypatch.setattr(autoencoder_module, "RUNS_DIR", tmp_path)
     monkeypatch.setattr(train_module, "RUNS_DIR", tmp_path)
-    monkeypatch.setattr(train_module, "WEIGHTS_DIR", tmp_path / "weights")
     return tmp_path
 
 
@@ -69,7 +68,7 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
         assert_same_state(straight[part], stopped[part])
     assert straight["model_config"]["attention_levels"] == 1
 
-    weights = train_module.export(runs / "straight", "latent")
+    weights = train_module.export(runs / "straight", "latent", runs / "weights")
     model = load_model(weights)
     assert model.latent_shape == LATENT_SHAPE and model.meta["latent"]["kind"] == "autoencoder"
     assert not model.scheduler_config["clip_sample"]  # a learned latent is not image-valued
