@@ -22,7 +22,7 @@ def test_anchoring_changes_the_latent_and_leaves_nothing_behind(layout):
     from diffusers.models.transformers import transformer_flux
 
     dispatch = transformer_flux.dispatch_attention_fn
-    model = build_transformer(layout, tiny=True)
+    model = build_transformer(layout, "tiny")
     cond = conditioning(layout, model, text_tokens=12)
     noise = torch.randn(1, latent_channels(model), 8, 8, generator=torch.Generator().manual_seed(0))
     sigmas = diffusers_mmdit.shifted_sigmas(4)
@@ -45,7 +45,7 @@ def test_anchoring_changes_the_latent_and_leaves_nothing_behind(layout):
 def test_the_capture_reads_the_middle_blocks_and_stops_after_the_last(layout):
     from ela_ext.capture import run_truncated
 
-    model = build_transformer(layout, tiny=True)
+    model = build_transformer(layout, "tiny")
     cond = conditioning(layout, model, text_tokens=12)
     capture = diffusers_mmdit.joint_capture(model, ElaConfig())
     ran = []
@@ -72,7 +72,7 @@ def test_the_maps_come_from_the_q_k_the_attention_itself_receives(layout, monkey
     from ela_ext.capture import run_truncated
     from ela_ext.joint_attention import text_attention_probs
 
-    model = build_transformer(layout, tiny=True)
+    model = build_transformer(layout, "tiny")
     cond = conditioning(layout, model, text_tokens=12)
     x = torch.randn(1, latent_channels(model), 8, 8, generator=torch.Generator().manual_seed(1))
     n_text, n_image = 12, 16
@@ -101,3 +101,25 @@ def test_the_maps_come_from_the_q_k_the_attention_itself_receives(layout, monkey
         run_truncated(capture, lambda: diffusers_mmdit.velocity(model, x, torch.tensor(0.7), cond.context,
                                                                  cond.pooled, 4.0))
     assert torch.allclose(capture.maps, reference.transpose(1, 2).reshape(1, n_text, 4, 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["sd35m", "flux"])
+def test_the_cost_command_runs_off_and_anchored_on_the_tiny_config(layout):
+    from benchmark.commands.mmdit_cost import block_counts, run_benchmark, transformer_config
+
+    rows, per_block = run_benchmark(layout, latent=8, text_tokens=12, steps=4, settings=["defaults", "iter1"],
+                                    repeats=1, block_repeats=1, typical_steps=28, depth="tiny")
+    assert set(per_block) == set(block_counts(layout, transformer_config(layout), "middle"))
+    for row, passes in zip(rows, (10, 2)):  # random weights: the loss stays above the threshold
+        assert row.warnings == () and row.anchored_steps == 2 and row.grad_passes == passes
+        assert row.off_s > 0 and row.on_s > 0 and row.peak_on_mib > 0
+        assert row.full_on_s > row.full_off_s > 0 and row.typical_anchored_steps == 9
+
+
+def test_the_block_counts_follow_the_released_layouts():
+    from benchmark.commands.mmdit_cost import block_counts, transformer_config
+
+    assert block_counts("sd35m", transformer_config("sd35m"), "middle") == {
+        "dual": {"plain": 13, "grad": 13}, "joint": {"plain": 10, "grad": 3}}  # + the last block; reads 8-15
+    assert block_counts("flux", transformer_config("flux"), "middle") == {
+        "double": {"plain": 19, "grad": 13}, "single": {"plain": 38, "grad": 0}}  # reads doubles 6-12

@@ -1,8 +1,9 @@
 """What ELA costs on SD3.5-medium's and Flux.1-dev's MM-DiT layouts: image time and peak memory,
 off vs anchored, measured at a reduced depth and computed for the full depth from per-block times.
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m benchmark.commands.mmdit_cost --layout sd35m
-    OMP_NUM_THREADS=1 nice -n 10 python -m benchmark.commands.mmdit_cost --layout flux
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmark.commands.mmdit_cost --layout sd35m --repeats 2
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmark.commands.mmdit_cost --layout sd35m --depth full
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmark.commands.mmdit_cost --layout flux --repeats 2
 
 The transformers are diffusers' ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` built
 from the released configs with random weights (no hub; the cost of a pass depends on the layout,
@@ -13,8 +14,8 @@ free guidance, a batch of 2 per step; Flux-dev: one row, guidance embedding) and
 engine exactly as the hosts do: the same ``JointAttentionCapture`` of the default (middle third)
 joint blocks, the same grad pass truncated after the last block read.
 
-Full depth does not fit this budget (Flux.1-dev is 48 GB in float32; SD3.5-medium's 4 steps with
-anchoring take tens of CPU minutes), so each layout is built twice:
+Flux.1-dev at full depth is 48 GB in float32, beyond a 24 GB machine, so a layout is measured
+at a reduced depth and the full depth computed from per-block times:
 
 1. **measured**: the real width at a reduced depth (``REDUCED``), whole images off and anchored,
    each in a forked child (``real_scale.in_forked_child``: CPU seconds and peak RSS). Ratios are
@@ -24,11 +25,17 @@ anchoring take tens of CPU minutes), so each layout is built twice:
    backward to its inputs, weights frozen as the engine freezes them), medians of ``--block-repeats``.
 3. **computed**: full depth = the measured reduced-depth image + the missing blocks at their
    per-block times: every step's plain forward gets the missing blocks, every grad pass the
-   missing blocks up to the last one the full model's capture reads. The capture's map (computed
-   per read block, under a percent of a block) is counted at the reduced depth's number of reads.
+   missing blocks up to the last one the full model's capture reads. The capture's maps (one
+   ``(heads, image, text)`` softmax per read block, not timed apart) are counted at the reduced
+   depth's number of reads.
 
-Also computed: the same at a usual step count (``--typical-steps``), where the window covers 30%
-of many steps instead of 2 of 4.
+``--depth full`` measures the released depth end to end instead (SD3.5-medium: about 10 GB, a few
+CPU minutes per image); there the computed columns are the measured ones, and the per-block
+method can be checked against it. Also computed: the same at a usual step count
+(``--typical-steps``), where the window covers 30% of many steps instead of 2 of 4.
+
+Text: ``--text-tokens`` context columns (77 by default: shorter than the hosts' T5 padding, which
+adds 77-512 columns; the prompt's entities are in the first 77 columns as CLIP tokens).
 """
 
 from __future__ import annotations
@@ -72,18 +79,19 @@ TINY = {"sd35m": {"sample_size": 8, "num_layers": 3, "dual_attention_layers": (0
 GUIDANCE = {"sd35m": 4.5, "flux": 3.5}  # SD3: CFG scale; Flux-dev: its guidance embedding
 
 
-def transformer_config(layout: str, tiny: bool = False, reduced: bool = False) -> dict[str, Any]:
+def transformer_config(layout: str, depth: str = "full") -> dict[str, Any]:
+    """``depth``: "full" (the released config), "reduced" (``REDUCED``) or "tiny" (``TINY``)."""
     config = dict(FULL[layout])
-    config.update(TINY[layout] if tiny else REDUCED[layout] if reduced else {})
+    config.update({"full": {}, "reduced": REDUCED, "tiny": TINY}[depth].get(layout, {}))
     return config
 
 
-def build_transformer(layout: str, tiny: bool = False, reduced: bool = False, seed: int = 0):
+def build_transformer(layout: str, depth: str = "full", seed: int = 0):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     torch.manual_seed(seed)
     cls = SD3Transformer2DModel if layout == "sd35m" else FluxTransformer2DModel
-    return cls(**transformer_config(layout, tiny, reduced)).eval()
+    return cls(**transformer_config(layout, depth)).eval()
 
 
 def latent_channels(model) -> int:
@@ -257,11 +265,12 @@ class Row:
     warnings: tuple[str, ...]
 
 
-def full_depth(layout: str, off_s: float, on_s: float, grad_passes: int, steps: int, joint_blocks: str,
-               per_block: dict[str, dict[str, float]]) -> tuple[float, float]:
-    """(off, on) seconds at the full depth: the reduced images plus the missing blocks."""
+def full_depth(layout: str, depth: str, off_s: float, on_s: float, grad_passes: int, steps: int,
+               joint_blocks: str, per_block: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """(off, on) seconds at the full depth: the images measured at ``depth`` plus the missing
+    blocks (none when measured at the full depth)."""
     full = block_counts(layout, FULL[layout], joint_blocks)
-    reduced = block_counts(layout, transformer_config(layout, reduced=True), joint_blocks)
+    reduced = block_counts(layout, transformer_config(layout, depth), joint_blocks)
     plain = sum((full[k]["plain"] - reduced[k]["plain"]) * per_block[k]["plain"] for k in full)
     grad = sum((full[k]["grad"] - reduced[k]["grad"]) * per_block[k]["grad"] for k in full)
     return off_s + steps * plain, on_s + steps * plain + grad_passes * grad
@@ -278,8 +287,10 @@ def typical_ratio(full_off: float, full_on: float, steps: int, grad_passes: int,
 
 
 def run_benchmark(layout: str, latent: int, text_tokens: int, steps: int, settings: list[str], repeats: int,
-                  block_repeats: int, typical_steps: int, tiny: bool = False) -> tuple[list[Row], dict]:
-    model = build_transformer(layout, tiny=tiny, reduced=not tiny)
+                  block_repeats: int, typical_steps: int, depth: str = "reduced") -> tuple[list[Row], dict]:
+    """Rounds of [off, anchored at each setting] at ``depth``, then the per-block times; one row
+    per setting, with the full depth computed from them."""
+    model = build_transformer(layout, depth)
     cond = conditioning(layout, model, text_tokens)
     targets = targets_for(text_tokens)
     configs = {name: replace(ElaConfig(enabled=True, entities=ENTITIES), **SETTINGS[name]) for name in settings}
@@ -299,7 +310,7 @@ def run_benchmark(layout: str, latent: int, text_tokens: int, steps: int, settin
         last, config = images[-1], configs[name]
         ratio = statistics.median(on.seconds / off.seconds for on, off in zip(images, offs))
         on_s = statistics.median(i.seconds for i in images)
-        full_off, full_on = full_depth(layout, off_s, on_s, last.grad_passes, steps, config.joint_blocks, per_block)
+        full_off, full_on = full_depth(layout, depth, off_s, on_s, last.grad_passes, steps, config.joint_blocks, per_block)
         typical_anchored, typical = typical_ratio(full_off, full_on, steps, last.grad_passes, last.anchored_steps,
                                                   typical_steps, config)
         rows.append(Row(layout, name, latent, text_tokens, steps, last.anchored_steps, last.grad_passes, last.updates,
@@ -319,15 +330,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of off + every setting")
     parser.add_argument("--block-repeats", type=int, default=3)
     parser.add_argument("--typical-steps", type=int, default=28)
+    parser.add_argument("--depth", choices=("reduced", "full"), default="reduced",
+                        help="full: measure the released depth end to end (SD3.5-medium fits in ~10 GB)")
     parser.add_argument("--json", help="also write the rows and per-block times here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, per_block = run_benchmark(args.layout, args.latent, args.text_tokens, args.steps, args.settings,
-                                    args.repeats, args.block_repeats, args.typical_steps)
-    reduced = transformer_config(args.layout, reduced=True)
-    print(f"{args.layout}: real width, measured at reduced depth {REDUCED[args.layout]}; full depth "
-          f"{parameter_count(args.layout) / 1e9:.2f} B parameters ({parameter_count(args.layout) * 4 / 2 ** 30:.1f} GiB "
-          f"float32) COMPUTED from per-block times, not measured end to end")
+                                    args.repeats, args.block_repeats, args.typical_steps, args.depth)
+    reduced = transformer_config(args.layout, args.depth)
+    size = f"{parameter_count(args.layout) / 1e9:.2f} B parameters ({parameter_count(args.layout) * 4 / 2 ** 30:.1f} GiB float32)"
+    if args.depth == "full":
+        print(f"{args.layout}: the released config, {size}, MEASURED end to end")
+    else:
+        print(f"{args.layout}: real width, measured at reduced depth {REDUCED[args.layout]}; full depth {size} "
+              f"COMPUTED from per-block times, not measured end to end")
     print(f"latent {args.latent}x{args.latent} ({(args.latent // 2) ** 2} image tokens), {args.text_tokens} text "
           f"tokens, {args.steps} Euler flow steps, CPU float32, one thread, {args.repeats} round(s)")
     print("per block, CPU s (plain: no-grad forward at the sampler's batch; grad: batch 1 forward + backward):")
@@ -335,7 +351,7 @@ def main() -> None:
         counts = block_counts(args.layout, FULL[args.layout], ElaConfig().joint_blocks)[kind]
         print(f"  {kind}: plain {times['plain']:.3f}, grad {times['grad']:.3f}  "
               f"(full depth: {counts['plain']} per forward, {counts['grad']} per grad pass)")
-    print(f"reduced-depth blocks: {block_counts(args.layout, reduced, ElaConfig().joint_blocks)}")
+    print(f"measured model's blocks: {block_counts(args.layout, reduced, ElaConfig().joint_blocks)}")
     print("| setting | anchored steps / grad passes / updates | measured off s | on s | ratio | peak RSS MiB off / on "
           "| full depth off s | on s | ratio (computed) | ratio at N steps (computed) |")
     for row in rows:
