@@ -22,6 +22,7 @@ from benchmark.models.clip_tokenizer import load_tokenizer
 from benchmark.models.mmdit import MMDiTConfig, flow_scheduler_config, velocity
 from benchmark.models.model import build_denoiser, load_model
 from benchmark.models.scenes import training_scene
+from benchmark.paths import BUNDLED_WEIGHTS
 from ela_ext.config import ElaConfig
 from ela_ext.diffusers_adapter import encode, joint_attention_hooks, joint_capture, sample_flow
 
@@ -164,3 +165,54 @@ def test_hooks_read_the_joint_attention_without_changing_it(tiny):
     joint = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)[:, :, :64, 64:]
     expected = (joint / joint.sum(-1, keepdim=True)).mean(1).transpose(1, 2).reshape(1, 77, 8, 8)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mmdit_weights(tmp_path_factory):
+    """A random tiny MM-DiT on the (random) autoencoder latent, written as ``train.export`` writes one."""
+    from dataclasses import asdict
+    import json
+
+    from safetensors.torch import save_file
+
+    from benchmark.models.autoencoder import AutoencoderConfig, SceneAutoencoder
+
+    config = MMDiTConfig(text_hidden=32, text_heads=2, depth=3, heads=2, head_dim=16)
+    transformer, text_encoder = build_denoiser("mmdit", config, 0, LATENT_SHAPE)
+    state = {f"unet.{k}": v for k, v in transformer.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    state.update({f"autoencoder.{k}": v for k, v in SceneAutoencoder(AutoencoderConfig()).state_dict().items()})
+    path = tmp_path_factory.mktemp("tiny-mmdit") / "mmdit.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "backbone": "mmdit", "model_config": asdict(config), "step": 0, "scheduler_config": flow_scheduler_config(),
+        "latent": {"kind": "autoencoder", "config": asdict(AutoencoderConfig())}}))
+    return path
+
+
+def test_effect_and_demo_take_an_mmdit(mmdit_weights, capsys, tmp_path):
+    import json
+
+    from benchmark.commands import demo, effect
+
+    effect.main(["--weights", str(mmdit_weights), "--families", "held_out", "--prompts-per-family", "1",
+                 "--seeds", "2", "--steps", "4", "--settings", "off,default,random", "--json"])
+    off, default, control = json.loads(capsys.readouterr().out)["tables"]["held_out"]
+    assert off["images"] == default["images"] == 2
+    assert default["pixel_change"] > 0 and control["pixel_change"] > 0  # anchored through the joint capture
+    demo.main(["--weights", str(mmdit_weights), "--seeds", "0,1", "--steps", "3", "--out", str(tmp_path / "demo.png")])
+    assert (tmp_path / "demo.png").exists()
+
+
+@pytest.mark.skipif(not BUNDLED_WEIGHTS.exists(), reason=f"no bundled weights at {BUNDLED_WEIGHTS}")
+def test_fidelity_runs_the_parts_that_apply_to_an_mmdit(mmdit_weights, capsys):
+    import json
+
+    from benchmark.commands.fidelity import main
+
+    main(["--weights", str(mmdit_weights), "--parts", "c,d,e", "--json", "--prompts-per-family", "1", "--seeds", "2",
+          "--steps", "3", "--scenes", "2", "--timesteps", "500"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["model"]) == {"d", "e"} and set(report["bundled_model"]) == {"c", "d", "e"}
+    assert 0 <= report["model"]["d"]["iou_mean"] <= 1 and report["model"]["d"]["entities"] >= 4
+    assert report["model"]["e"]["held_out"]["images"] == 2
