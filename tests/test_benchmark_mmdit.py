@@ -24,7 +24,8 @@ from benchmark.models.model import build_denoiser, load_model
 from benchmark.models.scenes import training_scene
 from benchmark.paths import BUNDLED_WEIGHTS
 from ela_ext.config import ElaConfig
-from ela_ext.diffusers_adapter import encode, joint_attention_hooks, joint_capture, sample_flow
+from ela_ext.diffusers_adapter import encode, sample_flow
+from ela_ext.diffusers_mmdit import feeding, joint_capture
 
 PROMPT = "a red circle and a blue square"
 MMDIT_ARGS = ["--backbone", "mmdit", "--batch", "2", "--mmdit-depth", "2", "--mmdit-heads", "2",
@@ -148,7 +149,7 @@ def test_hooks_read_the_joint_attention_without_changing_it(tiny):
     plain = velocity(transformer, x, sigma, context)
     capture = joint_capture(transformer, ElaConfig())
     capture.stop_after_last = False
-    with joint_attention_hooks(transformer, capture), capture.capturing(LATENT_SHAPE[1:]):
+    with feeding(transformer, capture), capture.capturing(LATENT_SHAPE[1:]):
         hooked = velocity(transformer, x, sigma, context)
         maps = capture.maps
     assert torch.equal(plain, hooked) and capture.blocks == (1,)

@@ -37,7 +37,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 from ela_ext.config import ElaConfig
-from ela_ext.diffusers_adapter import SampleResult, joint_attention_hooks, joint_capture, sample, sample_flow
+from ela_ext.diffusers_adapter import SampleResult, sample, sample_flow
+from ela_ext.diffusers_mmdit import feeding, joint_capture
 
 from .autoencoder import AutoencoderLatent
 from .clip_tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, load_tokenizer
@@ -235,7 +236,7 @@ class BenchmarkModel:
         t = torch.full((len(noisy),), float(timestep))
         if self.backbone == "mmdit":
             capture = joint_capture(self.unet, config)
-            with joint_attention_hooks(self.unet, capture), capture.capturing(latent_hw):
+            with feeding(self.unet, capture), capture.capturing(latent_hw):
                 return run_truncated(capture, lambda: velocity(self.unet, noisy, t / 1000, context))
         layers = [module for _, module in find_cross_attention_layers(self.unet, config.layers)]
         with AttentionCapture(layers, latent_hw, stop_after_last=True) as capture:
