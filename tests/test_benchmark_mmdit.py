@@ -85,7 +85,7 @@ def test_mmdit_training_resumes_bit_for_bit_exports_and_samples(runs):
             assert torch.equal(state_a[key], state_b[key]), (part, key)
     assert any(not torch.equal(straight["unet"][k], straight["ema"][f"unet.{k}"]) for k in straight["unet"])
 
-    weights = train_module.export(runs / "straight", "mmdit")
+    weights = train_module.export(runs / "straight", "mmdit", runs / "weights")  # the default is bound at import
     model = load_model(weights)
     assert model.backbone == "mmdit" and model.meta["backbone"] == "mmdit"
     assert type(model.unet).__name__ == "SD3Transformer2DModel" and model.latent_shape == LATENT_SHAPE

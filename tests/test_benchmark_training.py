@@ -69,7 +69,7 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
         assert_same_state(straight[part], stopped[part])
     assert straight["model_config"]["attention_levels"] == 1
 
-    weights = train_module.export(runs / "straight", "latent")
+    weights = train_module.export(runs / "straight", "latent", runs / "weights")  # the default is bound at import
     model = load_model(weights)
     assert model.latent_shape == LATENT_SHAPE and model.meta["latent"]["kind"] == "autoencoder"
     assert not model.scheduler_config["clip_sample"]  # a learned latent is not image-valued
