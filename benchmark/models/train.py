@@ -178,7 +178,8 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
                 scheduler_config(args.get("beta_schedule", "linear"), clip_sample=latent == DEFAULT_LATENT))
     out.with_suffix(".json").write_text(json.dumps({
         "backbone": backbone, "model_config": ckpt["model_config"], "latent": latent, "scheduler_config": schedule,
-        "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"), "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
+        "step": ckpt["step"], "train_seconds": ckpt.get("train_seconds"), "images_seen": ckpt["step"] * args["batch"],
+        "ema_decay": args["ema"],
         "train_args": args, "command": ckpt["command"],
         "export_command": f"python -m benchmark.models.train --name {args['name']} --export --export-name {stem}",
     }, indent=1) + "\n")
@@ -250,8 +251,8 @@ def train(args: argparse.Namespace) -> None:
         scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache, autoencoder)
         context = text_encoder(ids)[0]
         if backbone == "mmdit":  # the DDPM timesteps of the batch go unused; the sigmas are (seed, step)'s too
-            sigmas = logit_normal_sigmas(args.batch, torch.Generator().manual_seed(2**40 + args.seed * 1_000_003 + step),
-                                         args.logit_mean, args.logit_std)
+            generator = torch.Generator().manual_seed(2**40 + args.seed * 1_000_003 + step)
+            sigmas = logit_normal_sigmas(args.batch, generator, args.logit_mean, args.logit_std)
             mse = flow_loss(unet, latents, noise, sigmas, context)
         else:
             noisy = scheduler.add_noise(latents, noise, timesteps)
