@@ -183,11 +183,13 @@ class FlowResult:
 
 @torch.no_grad()
 def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence[EntityColumns],
-           config: ElaConfig, latents: torch.Tensor, sigmas: Sequence[float], guidance: float) -> FlowResult:
+           config: ElaConfig, latents: torch.Tensor, sigmas: Sequence[float], guidance: float,
+           loop_options: Optional[dict[str, Any]] = None) -> FlowResult:
     """Euler flow-matching sampling of one image from ``latents`` (unit noise) over ``sigmas``
     (descending to 0), anchoring inside the window before each step's model evaluation, as the
     hosts do. SD3: classifier-free guidance (cond + uncond rows, scale ``guidance``); Flux-dev: one
-    conditional row, ``guidance`` into its guidance embedding."""
+    conditional row, ``guidance`` into its guidance embedding. ``loop_options`` go to
+    ``anchor_latent`` (the benchmark's random-direction control)."""
     config = config.validated()
     session = None
     if config.enabled:
@@ -202,7 +204,8 @@ def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence
             def forward(z: torch.Tensor, s: torch.Tensor = sigma) -> torch.Tensor:
                 with feeding(transformer, capture):
                     return velocity(transformer, z, s, conditioning.context, conditioning.pooled, guidance)
-            x = session.maybe_anchor(x, SamplerSpace.from_flow_sigma(float(sigma)), index, steps, forward)
+            x = session.maybe_anchor(x, SamplerSpace.from_flow_sigma(float(sigma)), index, steps, forward,
+                                     **(loop_options or {}))
         if cfg:
             both = velocity(transformer, torch.cat([x, x]), sigma,
                             torch.cat([conditioning.context, conditioning.uncond_context]),

@@ -32,8 +32,10 @@ c. Map injection as Prompt-to-Prompt: the conditional rows' cross-attention prob
    each one's centre within ``side / 8`` pixels (4 of 32) of its centre in seed s's image. The
    control is the same pair without replay: how often s' puts them there by itself.
 d. Localisation that emerges: ``--scenes`` two- and three-object training scenes rendered,
-   encoded with the model's latent, noised to each of ``--timesteps``, one conditional UNet pass;
-   the maps of the engine's anchor layers (``ElaConfig().layers``) localised exactly as the engine
+   encoded with the model's latent, noised to each of ``--timesteps`` (of 1000; an MM-DiT's sigma
+   is timestep / 1000, SD3's convention), one conditional pass; the maps of the engine's anchor
+   layers (``ElaConfig().layers``; an MM-DiT's joint blocks ``ElaConfig().joint_blocks`` through the
+   joint capture its sampler uses, ``BenchmarkModel.anchor_maps``) localised exactly as the engine
    does (``ela_ext.anchoring.localize_target``: Otsu, dominance, background removal). *IoU*: each
    entity's mask (upsampled) against its object's rendered mask, median / mean over entities,
    scenes and timesteps. *Own > other*: the entity word's mean attention inside its own object
@@ -43,6 +45,9 @@ e. Bleeding with anchoring off, per family (held_out, seen, three, single): both
 f. Separate-and-Enhance's recipe at 1.0x: ``benchmark.commands.finetune`` with its defaults (the
    paper's ``to_k`` LoRA, noise inputs) for ``--finetune-steps`` on the model, then held_out both
    correct without -> with the LoRA merged (effect's ``--lora`` machinery). Minutes: ``--skip f``.
+
+An MM-DiT (``benchmark.models.mmdit``) runs d and e only: a, b, c and f edit a UNet's
+cross-attention (``UNET_ONLY``); e samples by flow-matching Euler instead of DDIM.
 
 Figures are printed, never asserted: the tests check the parts' mechanics, not a model's scores.
 """
@@ -63,7 +68,6 @@ import torch
 import torch.nn.functional as F
 
 from ela_ext.anchoring import localize_target
-from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 from ela_ext.config import ElaConfig
 from ela_ext.diffusers_adapter import encode, prompt_targets
 from ela_ext.localize import word_map
@@ -81,6 +85,10 @@ from . import finetune
 from .effect import FOUND, parse_seeds, run_setting, summary
 
 PARTS = ("a", "b", "c", "d", "e", "f")
+# Parts that edit or fine-tune a UNet's cross-attention layers (processors, ``attn2.to_k``); an MM-DiT has
+# none: its text enters through joint attention, where a-c's edits would need a joint processor (the
+# image-to-text block of one softmax) and f's LoRA the text keys ``add_k_proj``, not written yet.
+UNET_ONLY = ("a", "b", "c", "f")
 BLEEDING_FAMILIES = ("held_out", "seen", "three", "single")
 FAILURES = (MISSING, WRONG_COLOUR, MERGED, WRONG_SHAPE)
 
@@ -223,21 +231,15 @@ def mean_inside(attention: torch.Tensor, mask: np.ndarray) -> float:
 @torch.no_grad()
 def emerging_localisation(model: BenchmarkModel, sizes: Sizes) -> dict:
     """Part d: each entity's engine mask against its object's rendered mask, and own > other."""
-    from diffusers import DDPMScheduler
-
     scenes = localisation_scenes(sizes.scenes)
     captions = [scene.caption for scene in scenes]
     targets = prompt_targets(model.tokenizer, captions, [""] * len(scenes))
     context = encode(model.tokenizer, model.text_encoder, captions)
     latents = model.encode(np.stack([scene.image for scene in scenes]))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-    layers = [module for _, module in find_cross_attention_layers(model.unet, ElaConfig().layers)]
     ious, own_wins = [], []
     for timestep in sizes.timesteps:
-        t = torch.full((len(scenes),), timestep)
-        noisy = DDPMScheduler(**model.scheduler_config).add_noise(latents, noise, t)
-        with AttentionCapture(layers, tuple(latents.shape[-2:]), stop_after_last=True) as capture:
-            maps = run_truncated(capture, lambda: model.unet(noisy, t, encoder_hidden_states=context))
+        maps = model.anchor_maps(model.add_noise(latents, noise, timestep), timestep, context)
         for scene, target, scene_maps in zip(scenes, targets, maps):
             localization = localize_target(scene_maps, target, ElaConfig().binarization)
             by_shape = {obj.shape: obj for obj in scene.objects}
@@ -286,6 +288,11 @@ def measure(model: BenchmarkModel, sizes: Sizes, parts: Sequence[str],
             progress: Callable[[str], None] = lambda message: None) -> dict:
     """Every chosen part on one model: a dict keyed by part."""
     results: dict[str, Any] = {}
+    if model.backbone != "unet":
+        skipped = [part for part in parts if part in UNET_ONLY]
+        if skipped:
+            progress(f"{','.join(skipped)}: left out, they edit a UNet's cross-attention (an MM-DiT has none)")
+        parts = [part for part in parts if part not in UNET_ONLY]
     if {"a", "b", "c"} & set(parts):
         progress("a-c: steering")
         results.update(steering(model, sizes, parts))

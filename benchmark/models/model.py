@@ -1,4 +1,5 @@
-"""The benchmark's tiny text-to-image models: SD's UNet layout, loaded as one ``BenchmarkModel``.
+"""The benchmark's tiny text-to-image models: SD's UNet layout (and an SD3-style MM-DiT,
+``benchmark.models.mmdit``, named by the weights' JSON ``"backbone"``), loaded as one ``BenchmarkModel``.
 
 Every command takes any benchmark model through ``load_model``, which reads the weights' JSON for the
 model's latent (``LATENT_KINDS``). The bundled model's latent is the image itself, pixel-unshuffled:
@@ -29,16 +30,19 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ela_ext.capture import AttentionCapture, find_cross_attention_layers, run_truncated
 from ela_ext.config import ElaConfig
-from ela_ext.diffusers_adapter import SampleResult, sample
+from ela_ext.diffusers_adapter import SampleResult, sample, sample_flow
+from ela_ext.diffusers_mmdit import feeding, joint_capture
 
 from .autoencoder import AutoencoderLatent
 from .clip_tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, load_tokenizer
+from .mmdit import MMDiTConfig, build_transformer, velocity
 
 PIXEL_UNSHUFFLE_SHAPE = (12, 16, 16)  # the bundled design's latent of a 32x32 image
 # SD's schedule (scaled_linear, 0.00085..0.012) by default, so that sampling's time course is SD's:
@@ -118,8 +122,7 @@ def build_unet(config: ModelConfig, latent_shape: tuple[int, int, int] = PIXEL_U
 
 def build_model(config: ModelConfig, seed: int = 0, latent_shape: tuple[int, int, int] = PIXEL_UNSHUFFLE_SHAPE
                 ) -> tuple[UNet2DConditionModel, EntityTextEncoder]:
-    torch.manual_seed(seed)
-    return build_unet(config, latent_shape), EntityTextEncoder(config)
+    return build_denoiser("unet", config, seed, latent_shape)
 
 
 def encode_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -174,11 +177,13 @@ LATENT_KINDS: dict[str, Callable[[dict, dict[str, torch.Tensor]], LatentCodec]] 
 
 @dataclass
 class BenchmarkModel:
-    """A loaded benchmark model, whatever its latent: what sampling needs (``unet``, ``text_encoder``,
-    ``tokenizer``, ``scheduler_config``) and the way between the judge's 32 px images and its latents,
-    so that every command takes any benchmark model. ``meta`` is the weights' JSON."""
+    """A loaded benchmark model, whatever its latent and backbone: what sampling needs (``unet``,
+    ``text_encoder``, ``tokenizer``, ``scheduler_config``) and the way between the judge's 32 px images
+    and its latents, so that every command takes any benchmark model. ``meta`` is the weights' JSON.
+    ``backbone``: ``"unet"`` (SD's layout, DDIM) or ``"mmdit"`` (``benchmark.models.mmdit``, flow
+    matching); ``unet`` holds the denoiser of either (the name every command and LoRA file uses)."""
 
-    unet: UNet2DConditionModel
+    unet: Any
     text_encoder: EntityTextEncoder
     tokenizer: Any
     scheduler_config: dict
@@ -186,6 +191,7 @@ class BenchmarkModel:
     weights_path: Path
     meta: dict
     latent: LatentCodec
+    backbone: str = "unet"
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, *latent_shape) -> uint8 (B, 32, 32, 3) images at the judge's resolution."""
@@ -201,10 +207,54 @@ class BenchmarkModel:
                             for seed in seeds])
 
     def sample(self, prompts: Sequence[str], config: ElaConfig, seeds: Sequence[int], **options: Any) -> SampleResult:
-        """One image per (prompt, seed) pair from ``initial_noise(seeds)``, by DDIM through the engine the
-        WebUI script uses (``ela_ext.diffusers_adapter.sample``; ``options`` go to it)."""
+        """One image per (prompt, seed) pair from ``initial_noise(seeds)`` through the engine the hosts
+        use: DDIM (``ela_ext.diffusers_adapter.sample``) for a UNet, flow-matching Euler
+        (``sample_flow``) for an MM-DiT; ``options`` go to it (DDIM's ``step_options`` and
+        ``generator`` are the UNet's only)."""
+        if self.backbone == "mmdit":
+            return sample_flow(self.unet, self.text_encoder, self.tokenizer,
+                               FlowMatchEulerDiscreteScheduler(**self.scheduler_config), list(prompts), config,
+                               self.initial_noise(seeds), **options)
         return sample(self.unet, self.text_encoder, self.tokenizer, DDIMScheduler(**self.scheduler_config),
                       list(prompts), config, self.initial_noise(seeds), **options)
+
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """The latents at ``timestep`` of 1000 as the model was trained: DDPM's ``alpha_bar`` for a UNet,
+        ``sigma = timestep / 1000`` of rectified flow for an MM-DiT (SD3's timestep convention)."""
+        if self.backbone == "mmdit":
+            sigma = timestep / 1000
+            return (1 - sigma) * latents + sigma * noise
+        t = torch.full((len(latents),), timestep)
+        return DDPMScheduler(**self.scheduler_config).add_noise(latents, noise, t)
+
+    def anchor_maps(self, noisy: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+        """(batch, 77, h, w): the maps the engine anchors with by default (``ElaConfig()``), from one
+        conditional pass truncated after the last layer read: the UNet's anchor layers, or the
+        MM-DiT's joint blocks through the joint capture the sampler uses."""
+        config, latent_hw = ElaConfig(), tuple(noisy.shape[-2:])
+        t = torch.full((len(noisy),), float(timestep))
+        if self.backbone == "mmdit":
+            capture = joint_capture(self.unet, config)
+            with feeding(self.unet, capture), capture.capturing(latent_hw):
+                return run_truncated(capture, lambda: velocity(self.unet, noisy, t / 1000, context))
+        layers = [module for _, module in find_cross_attention_layers(self.unet, config.layers)]
+        with AttentionCapture(layers, latent_hw, stop_after_last=True) as capture:
+            return run_truncated(capture, lambda: self.unet(noisy, t, encoder_hidden_states=context))
+
+
+# What the weights' JSON "backbone" names (absent: "unet"): the config class and the denoiser builder.
+BACKBONES: dict[str, tuple[type, Callable[[Any, tuple[int, int, int]], nn.Module]]] = {
+    "unet": (ModelConfig, lambda config, shape: build_unet(config, shape)),
+    "mmdit": (MMDiTConfig, build_transformer),
+}
+
+
+def build_denoiser(backbone: str, config: Any, seed: int, latent_shape: tuple[int, int, int]
+                   ) -> tuple[nn.Module, EntityTextEncoder]:
+    """The denoiser of ``backbone`` and the text encoder, seeded as ``build_model``."""
+    torch.manual_seed(seed)
+    return BACKBONES[backbone][1](config, latent_shape), EntityTextEncoder(config)
 
 
 def load_model(weights_path: Path | str) -> BenchmarkModel:
@@ -218,10 +268,12 @@ def load_model(weights_path: Path | str) -> BenchmarkModel:
                          f"(known: {', '.join(LATENT_KINDS)})")
     state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
     latent = LATENT_KINDS[latent_entry["kind"]](latent_entry, state)
-    unet, text_encoder = build_model(ModelConfig.from_dict(meta["model_config"]), latent_shape=tuple(latent.shape))
+    backbone = meta.get("backbone", "unet")
+    config = BACKBONES[backbone][0].from_dict(meta["model_config"])
+    unet, text_encoder = build_denoiser(backbone, config, 0, tuple(latent.shape))
     unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
     return BenchmarkModel(unet, text_encoder, load_tokenizer(), dict(meta["scheduler_config"]), tuple(latent.shape),
-                          weights_path, meta, latent)
+                          weights_path, meta, latent, backbone)

@@ -1,4 +1,6 @@
-"""Train the benchmark model on procedural scenes, on CPU, resumably.
+"""Train the benchmark model on procedural scenes, on CPU, resumably: SD's UNet layout (DDPM, epsilon) or,
+with ``--backbone mmdit``, the SD3-style MM-DiT of ``benchmark.models.mmdit`` (rectified flow, SD3's
+logit-normal sigmas, no loss on attention maps: ``--grounding`` is the UNet's only).
 
     OMP_NUM_THREADS=1 python -m benchmark.models.train --name NAME [--max-minutes M] [design options]
     python -m benchmark.models.train --name NAME --export      # EMA weights -> benchmark/weights/
@@ -31,7 +33,8 @@ from ..paths import RUNS_DIR, WEIGHTS_DIR
 from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
 from .autoencoder import LATENT_SHAPE as AE_LATENT_SHAPE, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
-from .model import (DEFAULT_LATENT, PIXEL_UNSHUFFLE_SHAPE, ModelConfig, SCHEDULES, build_model, encode_images,
+from .mmdit import MMDiTConfig, flow_loss, flow_scheduler_config, logit_normal_sigmas
+from .model import (DEFAULT_LATENT, PIXEL_UNSHUFFLE_SHAPE, ModelConfig, SCHEDULES, build_denoiser, encode_images,
                     scheduler_config)
 from .scenes import training_scene
 
@@ -41,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", choices=("unet", "mmdit"), default="unet")
+    p.add_argument("--mmdit-depth", type=int, default=6, help="MM-DiT joint blocks")
+    p.add_argument("--mmdit-heads", type=int, default=4)
+    p.add_argument("--mmdit-head-dim", type=int, default=32)
+    p.add_argument("--logit-mean", type=float, default=0.0, help="MM-DiT: SD3's logit-normal sigma sampling")
+    p.add_argument("--logit-std", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--text-lr-scale", type=float, default=0.0,
@@ -59,18 +68,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autoencoder", default=None,
                    help="runs/NAME of a trained benchmark.autoencoder: learn on its 4x16x16 latents of "
                         "128 px scenes instead of the pixel-unshuffled 12x16x16 (copied into the run)")
-    p.add_argument("--grounding", type=float, default=0.05,
-                   help="weight of the shape words' attention grounding loss on the anchor layers (0: off)")
+    p.add_argument("--grounding", type=float, default=None,
+                   help="UNet: weight of the shape words' attention grounding loss on the anchor layers (0: off; "
+                        "default 0.05); the MM-DiT takes none")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--max-minutes", type=float, default=10**9, help="stop (with a checkpoint) after this")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--export", action="store_true", help="export the run's EMA weights and exit")
     p.add_argument("--export-name", default="model", help="file stem under benchmark/weights/")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.grounding is None:
+        args.grounding = 0.05 if args.backbone == "unet" else 0.0
+    if args.backbone == "mmdit" and args.grounding:
+        p.error("the MM-DiT trains without any loss on attention maps (--grounding is the UNet's)")
+    return args
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
+def model_config(args: argparse.Namespace) -> ModelConfig | MMDiTConfig:
+    if getattr(args, "backbone", "unet") == "mmdit":
+        return MMDiTConfig(text_layers=args.text_layers, text_heads=args.text_heads, blank_eos=not args.no_blank_eos,
+                           depth=args.mmdit_depth, heads=args.mmdit_heads, head_dim=args.mmdit_head_dim)
     return ModelConfig(text_layers=args.text_layers, text_heads=args.text_heads,
                        blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads,
                        block_channels=tuple(int(c) for c in getattr(args, "block_channels", "64,128").split(",")),
@@ -177,9 +195,11 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
                   "training": autoencoder_record(ckpt["args"]["autoencoder"])}
     save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(out))
     args = ckpt["args"]
+    backbone = args.get("backbone", "unet")
+    schedule = (flow_scheduler_config() if backbone == "mmdit" else
+                scheduler_config(args.get("beta_schedule", "linear"), clip_sample=latent == DEFAULT_LATENT))
     out.with_suffix(".json").write_text(json.dumps({
-        "model_config": ckpt["model_config"], "latent": latent,
-        "scheduler_config": scheduler_config(args.get("beta_schedule", "linear"), clip_sample=latent == DEFAULT_LATENT),
+        "backbone": backbone, "model_config": ckpt["model_config"], "latent": latent, "scheduler_config": schedule,
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
         "seconds": round(logged_seconds(run_dir / "train.log")),
         "train_args": args, "command": ckpt["command"],
@@ -199,7 +219,8 @@ def train(args: argparse.Namespace) -> None:
         args = argparse.Namespace(**{**ckpt["args"], **limits})
     config = model_config(args)
     latent_shape = PIXEL_UNSHUFFLE_SHAPE if getattr(args, "autoencoder", None) is None else AE_LATENT_SHAPE
-    unet, text_encoder = build_model(config, seed=args.seed, latent_shape=latent_shape)
+    backbone = getattr(args, "backbone", "unet")
+    unet, text_encoder = build_denoiser(backbone, config, args.seed, latent_shape)
     text_params = [p for n, p in text_encoder.named_parameters() if n != "eos_column"]
     if args.text_lr_scale == 0:
         for p in text_params:
@@ -224,8 +245,9 @@ def train(args: argparse.Namespace) -> None:
             autoencoder.load_state_dict(ckpt["autoencoder"])
     (run_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
     tokenizer, cache = load_tokenizer(), {}
-    recorder = AttentionRecorder(anchor_layers(unet))
-    recorder.armed = args.grounding > 0
+    recorder = AttentionRecorder(anchor_layers(unet)) if backbone == "unet" else None
+    if recorder is not None:
+        recorder.armed = args.grounding > 0
     log = open(run_dir / "train.log", "a")
     log.write(f"# {'resume' if ckpt else 'start'} at step {step}: {command}\n")
     log.flush()
@@ -247,10 +269,16 @@ def train(args: argparse.Namespace) -> None:
     unet.train()
     while not stop and step < args.max_steps and time.time() - start < args.max_minutes * 60:
         scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache, autoencoder)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
         context = text_encoder(ids)[0]
-        mse = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=context).sample, noise)
-        ground = grounding_loss(recorder.take(), scenes, ids) if recorder.armed else torch.zeros(())
+        if backbone == "mmdit":  # the DDPM timesteps of the batch go unused; the sigmas are (seed, step)'s too
+            generator = torch.Generator().manual_seed(2**40 + args.seed * 1_000_003 + step)
+            sigmas = logit_normal_sigmas(args.batch, generator, args.logit_mean, args.logit_std)
+            mse = flow_loss(unet, latents, noise, sigmas, context)
+        else:
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            mse = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=context).sample, noise)
+        armed = recorder is not None and recorder.armed
+        ground = grounding_loss(recorder.take(), scenes, ids) if armed else torch.zeros(())
         loss = mse + args.grounding * ground
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
