@@ -215,6 +215,6 @@ def test_fidelity_runs_the_parts_that_apply_to_an_mmdit(mmdit_weights, capsys):
     main(["--weights", str(mmdit_weights), "--parts", "c,d,e", "--json", "--prompts-per-family", "1", "--seeds", "2",
           "--steps", "3", "--scenes", "2", "--timesteps", "500"])
     report = json.loads(capsys.readouterr().out)
-    assert set(report["model"]) == {"d", "e"} and set(report["bundled_model"]) == {"c", "d", "e"}
+    assert set(report["model"]) == {"d", "e"} and set(report["reference_model"]) == {"c", "d", "e"}
     assert 0 <= report["model"]["d"]["iou_mean"] <= 1 and report["model"]["d"]["entities"] >= 4
     assert report["model"]["e"]["held_out"]["images"] == 2
