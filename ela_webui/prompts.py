@@ -207,15 +207,18 @@ class T5Text:
         return self.encoder.tokenizer.convert_ids_to_tokens(int(token_id))
 
 
-def resolve_for_model(phrases: list[EntityPhrase], text: str, sd_model=None) -> Resolved:
+def resolve_for_model(phrases: list[EntityPhrase], text: str, sd_model=None, encoder=None) -> Resolved:
     """``resolve`` for the loaded model's whole text conditioning: a UNet's CLIP chunks; SD3's CLIP
     chunks then, when its T5 is on, T5's ids (from column 77 x chunks); Flux's T5 ids alone (its
-    CLIP-L gives only the pooled vector). Raises as ``resolve``."""
+    CLIP-L gives only the pooled vector). ``encoder``: the CLIP encoder to tokenise with (default
+    ``text_encoder(model)``); a caller that shows the tokens passes its own, since an embedding's
+    vectors get ids only that encoder can name. Raises as ``resolve``."""
     model = sd_model or shared.sd_model
     family = model_family(model)
+    encoder = encoder or text_encoder(model)
     if family is None:
-        return resolve(phrases, text, text_encoder(model))
-    clip = resolve(phrases, text, text_encoder(model)) if family == "sd3" else None
+        return resolve(phrases, text, encoder)
+    clip = resolve(phrases, text, encoder) if family == "sd3" else None
     t5 = T5Text.of(model)
     if t5 is None:
         if clip is None:

@@ -52,7 +52,7 @@ def tokens(request: TokensRequest) -> dict:
     try:
         text = scheduled_texts(text, PREVIEW_STEPS)[0][1]
         phrases = entity_phrases(request.entities, prompt)
-        resolved = resolve_for_model(phrases, text)
+        resolved = resolve_for_model(phrases, text, encoder=encoder)
     except (EntitySpecError, PromptSyntaxError) as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     warnings = [problem for problem in (unanchorable_model(shared.sd_model), resolved.problem) if problem]
