@@ -95,10 +95,14 @@ def test_weights_json_names_the_latent_kind(tmp_path):
         load_model(weights)
 
 
+COMMITTED = [BUNDLED_WEIGHTS, BUNDLED_WEIGHTS.with_name("latent_model.safetensors")]
+
+
 @needs_weights
-def test_committed_weights_sample_deterministically():
+@pytest.mark.parametrize("weights", COMMITTED, ids=lambda path: path.stem)
+def test_committed_weights_sample_deterministically(weights):
     from ela_ext.config import ElaConfig
-    model = load_model(BUNDLED_WEIGHTS)
+    model = load_model(weights)
     prompts = ["a red circle and a blue square", "a star and a triangle"]
 
     def images(eta):
