@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..paths import RUNS_DIR
+from .run_loop import open_run, run_steps
 from .scenes import SIZE, training_scene
 
 SCALE = 4  # scene pixels per judge pixel: 128 px images
@@ -158,11 +157,7 @@ def measure_scaling(model: SceneAutoencoder, seed: int = 12345, scenes: int = 25
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     run_dir = RUNS_DIR / args.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "ckpt.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    if ckpt is not None:
-        args = argparse.Namespace(**{**ckpt["args"], "max_steps": args.max_steps, "max_minutes": args.max_minutes})
+    ckpt_path, ckpt, args = open_run(run_dir, args)
     config = AutoencoderConfig()
     torch.manual_seed(args.seed)
     model = SceneAutoencoder(config)
@@ -174,19 +169,14 @@ def train(args: argparse.Namespace) -> None:
         step, command = ckpt["step"], ckpt["command"]
     log = open(run_dir / "train.log", "a")
 
-    def save() -> None:
+    def save(step: int) -> None:
         model.scaling_factor.fill_(measure_scaling(model))
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "args": vars(args), "config": asdict(config), "command": command}, tmp)
         os.replace(tmp, ckpt_path)
 
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    start = last_save = time.time()
-    losses = []
-    while not stop and step < args.max_steps and time.time() - start < args.max_minutes * 60:
+    def train_step(step: int) -> dict[str, float]:
         images = scene_batch(args.seed, step, args.batch)
         mean, logvar = model.posterior(images)
         gen = torch.Generator().manual_seed(args.seed * 7919 + step)
@@ -194,22 +184,12 @@ def train(args: argparse.Namespace) -> None:
         recon = model.decoder(z)
         rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + args.kl * kl
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (rec + args.kl * kl).backward()
         optimizer.step()
-        step += 1
-        losses.append(rec.item())
-        if step % args.log_every == 0:
-            log.write(f"step {step} recon {np.mean(losses):.4f} elapsed {time.time() - start:.0f}s\n")
-            log.flush()
-            losses = []
-        if time.time() - last_save > args.ckpt_minutes * 60:
-            save()
-            last_save = time.time()
-    save()
-    log.write(f"# stopped at step {step}\n")
-    log.close()
+        return {"recon": rec.item()}
+
+    run_steps(train_step, save, log, step, args.max_steps, args.max_minutes, args.ckpt_minutes, args.log_every)
 
 
 def load_run(name: str) -> tuple[SceneAutoencoder, dict]:

@@ -17,9 +17,7 @@ import argparse
 import functools
 import json
 import os
-import signal
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from .attention import AttentionRecorder, anchor_layers
 from .clip_tokenizer import encode, load_tokenizer
 from .autoencoder import LATENT_SHAPE as AE_LATENT_SHAPE, SCALE as AE_SCALE, AutoencoderConfig, load_run, to_pixels
 from .mmdit import MMDiTConfig, flow_loss, flow_scheduler_config, logit_normal_sigmas
+from .run_loop import open_run, run_steps
 from .model import (DEFAULT_LATENT, PIXEL_UNSHUFFLE_SHAPE, ModelConfig, SCHEDULES, build_denoiser, encode_images,
                     scheduler_config)
 from .scenes import training_scene
@@ -211,12 +210,7 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     run_dir = RUNS_DIR / args.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "ckpt.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    if ckpt is not None:  # the saved design wins; only the stopping limits come from this command
-        limits = {"max_steps": args.max_steps, "max_minutes": args.max_minutes}
-        args = argparse.Namespace(**{**ckpt["args"], **limits})
+    ckpt_path, ckpt, args = open_run(run_dir, args)
     config = model_config(args)
     latent_shape = PIXEL_UNSHUFFLE_SHAPE if getattr(args, "autoencoder", None) is None else AE_LATENT_SHAPE
     backbone = getattr(args, "backbone", "unet")
@@ -252,7 +246,7 @@ def train(args: argparse.Namespace) -> None:
     log.write(f"# {'resume' if ckpt else 'start'} at step {step}: {command}\n")
     log.flush()
 
-    def save() -> None:
+    def save(step: int) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                     "optimizer": optimizer.state_dict(), "ema": ema, "step": step, "args": vars(args),
@@ -261,13 +255,7 @@ def train(args: argparse.Namespace) -> None:
                                                        "autoencoder_config": asdict(ae_config)})}, tmp)
         os.replace(tmp, ckpt_path)
 
-    stop = []  # SIGTERM / Ctrl-C end the run after the current step, with a checkpoint
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    start = last_save = time.time()
-    losses: list[float] = []
-    unet.train()
-    while not stop and step < args.max_steps and time.time() - start < args.max_minutes * 60:
+    def train_step(step: int) -> dict[str, float]:
         scenes, latents, ids, noise, timesteps = make_batch(args, step, tokenizer, cache, autoencoder)
         context = text_encoder(ids)[0]
         if backbone == "mmdit":  # the DDPM timesteps of the batch go unused; the sigmas are (seed, step)'s too
@@ -284,22 +272,12 @@ def train(args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
-        step += 1
         # warm-up form of the decay, so early exports are not dominated by the random init
-        ema_update(ema, full_state(unet, text_encoder), min(args.ema, (1 + step) / (10 + step)))
-        losses.append((mse.item(), ground.item()))
-        if step % args.log_every == 0:
-            mean_mse, mean_ground = np.mean(losses, axis=0)
-            log.write(f"step {step} loss {mean_mse:.4f} grounding {mean_ground:.4f} "
-                      f"elapsed {time.time() - start:.0f}s\n")
-            log.flush()
-            losses = []
-        if time.time() - last_save > args.ckpt_minutes * 60:
-            save()
-            last_save = time.time()
-    save()
-    log.write(f"# stopped at step {step}\n")
-    log.close()
+        ema_update(ema, full_state(unet, text_encoder), min(args.ema, (2 + step) / (11 + step)))
+        return {"loss": mse.item(), "grounding": ground.item()}
+
+    unet.train()
+    run_steps(train_step, save, log, step, args.max_steps, args.max_minutes, args.ckpt_minutes, args.log_every)
 
 
 def main(argv=None) -> None:
