@@ -36,22 +36,25 @@ def run_steps(train_step: Callable[[int], dict[str, float]], save: Callable[[int
     """Call ``train_step(step)`` (returns the step's named losses) from ``step`` on; ``save(step)``
     writes a checkpoint of the state after ``step`` steps. Returns the step reached."""
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
     start = last_save = time.time()
     losses: list[dict[str, float]] = []
-    while not stop and step < max_steps and time.time() - start < max_minutes * 60:
-        losses.append(train_step(step))
-        step += 1
-        if step % log_every == 0:
-            means = " ".join(f"{name} {np.mean([entry[name] for entry in losses]):.4f}" for name in losses[0])
-            log.write(f"step {step} {means} elapsed {time.time() - start:.0f}s\n")
-            log.flush()
-            losses = []
-        if time.time() - last_save > ckpt_minutes * 60:
-            save(step)
-            last_save = time.time()
-    save(step)
-    log.write(f"# stopped at step {step}\n")
-    log.close()
+    try:
+        while not stop and step < max_steps and time.time() - start < max_minutes * 60:
+            losses.append(train_step(step))
+            step += 1
+            if step % log_every == 0:
+                means = " ".join(f"{name} {np.mean([entry[name] for entry in losses]):.4f}" for name in losses[0])
+                log.write(f"step {step} {means} elapsed {time.time() - start:.0f}s\n")
+                log.flush()
+                losses = []
+            if time.time() - last_save > ckpt_minutes * 60:
+                save(step)
+                last_save = time.time()
+        save(step)
+        log.write(f"# stopped at step {step}\n")
+    finally:
+        log.close()
+        for sig, handler in handlers.items():  # the caller's own handlers back (a test's process)
+            signal.signal(sig, handler)
     return step
