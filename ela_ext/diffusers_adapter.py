@@ -117,7 +117,6 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts
     return SampleResult(latents, session, targets)
 
 
-
 @torch.no_grad()
 def sample_flow(transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, prompts: Sequence[str],
                 config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
