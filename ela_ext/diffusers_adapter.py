@@ -122,7 +122,8 @@ def sample_flow(transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: 
                 config: ElaConfig, latents: torch.Tensor, num_steps: int = 25, guidance_scale: float = 5.0,
                 entity_specs: Optional[Sequence[str]] = None,
                 pooled: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                loop_options: Optional[dict[str, Any]] = None) -> SampleResult:
+                loop_options: Optional[dict[str, Any]] = None,
+                on_step: Optional[Callable[[int, float], None]] = None) -> SampleResult:
     """``sample``'s counterpart for an SD3-layout transformer: classifier-free guided flow-matching
     Euler (the model predicts the velocity ``noise - x_0`` of ``x_t = (1 - sigma) x_0 + sigma * noise``
     at timestep ``1000 * sigma``) from ``latents`` (unit-variance noise: ``x_t`` at sigma 1), over the
@@ -130,7 +131,8 @@ def sample_flow(transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: 
     ``sigmas`` only), anchoring the conditional rows in the window in flow space
     (``diffusers_mmdit.sample``, the engine's joint capture). ``pooled``: the (conditional,
     unconditional) pooled text vectors of SD3's adaLN; None gives zeros (a model trained without
-    pooled text, as the benchmark's MM-DiT). ``entity_specs``, ``loop_options``: as for ``sample``.
+    pooled text, as the benchmark's MM-DiT). ``entity_specs``, ``loop_options``: as for ``sample``;
+    ``on_step(step_index, sigma)`` too, with the step's flow sigma for its timestep.
     """
     config = config.validated()
     specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)
@@ -143,5 +145,5 @@ def sample_flow(transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: 
     scheduler.set_timesteps(num_steps)
     sigmas = [float(sigma) for sigma in scheduler.sigmas]
     result = sample_mmdit(transformer, Conditioning(cond, pooled[0], uncond, pooled[1]), targets, config, latents,
-                          sigmas, guidance_scale, loop_options=loop_options)
+                          sigmas, guidance_scale, loop_options=loop_options, on_step=on_step)
     return SampleResult(result.latents, result.session, targets)

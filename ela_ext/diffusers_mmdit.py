@@ -184,12 +184,14 @@ class FlowResult:
 @torch.no_grad()
 def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence[EntityColumns],
            config: ElaConfig, latents: torch.Tensor, sigmas: Sequence[float], guidance: float,
-           loop_options: Optional[dict[str, Any]] = None) -> FlowResult:
+           loop_options: Optional[dict[str, Any]] = None,
+           on_step: Optional[Callable[[int, float], None]] = None) -> FlowResult:
     """Euler flow-matching sampling of one image from ``latents`` (unit noise) over ``sigmas``
     (descending to 0), anchoring inside the window before each step's model evaluation, as the
     hosts do. SD3: classifier-free guidance (cond + uncond rows, scale ``guidance``); Flux-dev: one
     conditional row, ``guidance`` into its guidance embedding. ``loop_options`` go to
-    ``anchor_latent`` (the benchmark's random-direction control)."""
+    ``anchor_latent`` (the benchmark's random-direction control). ``on_step(step_index, sigma)``
+    runs before each step's guided forward (after anchoring), as ``diffusers_adapter.sample``'s."""
     config = config.validated()
     session = None
     if config.enabled:
@@ -206,6 +208,8 @@ def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence
                     return velocity(transformer, z, s, conditioning.context, conditioning.pooled, guidance)
             x = session.maybe_anchor(x, SamplerSpace.from_flow_sigma(float(sigma)), index, steps, forward,
                                      **(loop_options or {}))
+        if on_step is not None:
+            on_step(index, float(sigma))
         if cfg:
             both = velocity(transformer, torch.cat([x, x]), sigma,
                             torch.cat([conditioning.context, conditioning.uncond_context]),

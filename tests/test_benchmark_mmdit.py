@@ -113,7 +113,8 @@ def test_mmdit_backbone_refuses_an_attention_loss():
 
 def test_off_is_a_plain_cfg_euler_flow_sampler(tiny):
     transformer, text_encoder, tokenizer = tiny
-    first, second = run(tiny, ElaConfig()), run(tiny, ElaConfig())
+    steps_seen = []
+    first, second = run(tiny, ElaConfig()), run(tiny, ElaConfig(), on_step=lambda *step: steps_seen.append(step))
     assert torch.equal(first.latents, second.latents) and first.session is None
 
     context = encode(tokenizer, text_encoder, [PROMPT, ""])
@@ -124,6 +125,7 @@ def test_off_is_a_plain_cfg_euler_flow_sampler(tiny):
         v_cond, v_uncond = velocity(transformer, torch.cat([x, x]), sigma.expand(2), context).chunk(2)
         x = x + (sigma_next - sigma) * (v_uncond + 4.0 * (v_cond - v_uncond))
     torch.testing.assert_close(first.latents, x, rtol=1e-5, atol=1e-5)
+    assert steps_seen == [(index, float(sigma)) for index, sigma in enumerate(sigmas[:-1])]  # on_step: its sigma
 
 
 def test_anchoring_changes_the_image_and_leaves_no_hook(tiny):
