@@ -1,22 +1,30 @@
-"""Edits of a diffusers UNet's attention while it samples: what the methods built on Stable
-Diffusion do to its attention, applied to any benchmark model (``benchmark.commands.fidelity``).
+"""Edits of a diffusers UNet's or SD3 transformer's attention while it samples: what the methods
+built on Stable Diffusion do to its attention, applied to any benchmark model
+(``benchmark.commands.fidelity``).
 
-``EditedAttention`` is an attention processor that computes ``softmax(Q K^T * scale)`` explicitly
-and passes the scores (before the softmax) and the probabilities (after it) through a list of
-``AttentionEdit``s; with no edit active it is the layer's own attention. Four edits:
+``EditedAttention`` (a UNet's cross- and self-attention) and ``EditedJointAttention`` (an SD3
+block's joint attention) are attention processors that compute ``softmax(Q K^T * scale)``
+explicitly and pass the scores (before the softmax) and the probabilities (after it) through a list
+of ``AttentionEdit``s, then renormalise each row over all its keys (an edit may take probability
+away); with no edit active each is the layer's own attention. ``editable_layers`` names where they
+go, ``edited`` puts them there. Four edits:
 
 * ``StripConfinement``: each entity's columns (its word and its attributes) get no attention
-  outside the entity's strip, and each pixel's row is renormalised over the columns: forced maps,
-  the most a change to ``to_k`` could ever achieve (Separate-and-Enhance trains ``to_k``).
+  outside the entity's strip, and each pixel's row is renormalised: forced maps, the most a change
+  to ``to_k`` could ever achieve (Separate-and-Enhance trains ``to_k``).
 * ``DenseModulation``: DenseDiffusion's pre-softmax modulation (Kim et al. 2023, Eq. 5-7).
 * ``MapRecorder`` / ``MapReplay``: Prompt-to-Prompt's map injection (Hertz et al. 2022): the
   probabilities recorded in one sampling replace those of another.
 
 Every edit acts on the conditional rows only (the first ``rows`` images of the guided batch, as
-``ela_ext.diffusers_adapter.sample`` orders it) and only while ``active``, which the sampling
-loop's ``on_step`` sets with the step and the time. A layout is one vertical strip per entity
-(entity i of n: the i-th strip); a map's side comes from its pixel count, so any square latent and
-any UNet layout work.
+``ela_ext.diffusers_adapter.sample`` and ``sample_flow`` order it) and only while ``active``, which
+the sampling loop's ``on_step`` sets with the step and the time. A layout is one vertical strip per
+entity (entity i of n: the i-th strip); a map's side comes from its pixel count (an MM-DiT's: its
+image tokens), so any square latent and any UNet layout work.
+
+On a joint block the edits see what a UNet layer gives them (``EditedJointAttention``): the image
+queries' text keys as cross-attention, their image keys as self-attention, each a distribution over
+its own keys; the text queries are never edited.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from torch import nn
 
 from ela_ext.capture import is_cross_attention
 from ela_ext.tokens import EntityColumns, ResolvedEntity
+
+ROW_FLOOR = 1e-12  # the least sum a row is divided by: a row (or part) with nothing left stays zero, not NaN
 
 
 def strip_masks(count: int, side: int) -> torch.Tensor:
@@ -72,7 +82,9 @@ class AttentionEdit:
 
 class StripConfinement(AttentionEdit):
     """Forced cross-attention maps: entity i's columns keep their probability inside strip i and
-    lose it outside; each row is renormalised over the columns (the other columns take the rest)."""
+    lose it outside; the processor renormalises each row over all its keys, so the other keys take
+    the rest (a UNet's cross-attention row: the other columns; a joint row: the other text columns
+    and the image keys alike, each in proportion to what it had)."""
 
     def __init__(self, targets: Sequence[EntityColumns]):
         super().__init__(len(targets))
@@ -87,8 +99,6 @@ class StripConfinement(AttentionEdit):
             strips = strip_masks(len(target.entities), side).to(probs)
             for strip, entity in zip(strips, target.entities):
                 probs[row * heads:(row + 1) * heads, :, entity_columns(entity)] *= strip[None, :, None]
-        rows = slice(0, len(self.targets) * heads)
-        probs[rows] = probs[rows] / probs[rows].sum(-1, keepdim=True).clamp_min(1e-12)
         return probs
 
 
@@ -103,6 +113,8 @@ class DenseModulation(AttentionEdit):
     when the pixel lies in that entity's strip; other columns are left alone (the official code also
     lowers every column outside a segment everywhere, start-of-text included: here only the entity
     columns are steered, as in part a). Self-attention (``w = 0.3``): pixel pairs in the same strip.
+    On a joint block: the image rows' text keys as cross-attention, their image keys as
+    self-attention, ``max``/``min`` over the keys of the part modulated (text or image).
     """
 
     def __init__(self, targets: Sequence[EntityColumns], cross_weight: float = 1.0, self_weight: float = 0.3,
@@ -147,7 +159,8 @@ class DenseModulation(AttentionEdit):
 
 class MapRecorder(AttentionEdit):
     """Keeps the conditional rows' cross-attention probabilities of every layer at every active
-    step, keyed by (step, layer)."""
+    step, keyed by (step, layer). On a joint block: the image rows' text part renormalised over the
+    text columns, the maps ``ela_ext.joint_attention`` reads (per head)."""
 
     def __init__(self, rows: int):
         super().__init__(rows)
@@ -161,7 +174,9 @@ class MapRecorder(AttentionEdit):
 
 class MapReplay(AttentionEdit):
     """Replaces the conditional rows' cross-attention probabilities with recorded ones (Prompt-to-
-    Prompt's injection) at every active step and layer that has a record."""
+    Prompt's injection) at every active step and layer that has a record. On a joint block the
+    recorded text distribution takes each image row's own text mass: only where the row's text
+    attention goes changes, not how much of it there is; its image part is untouched."""
 
     def __init__(self, maps: dict[tuple[int, str], torch.Tensor], rows: int):
         super().__init__(rows)
@@ -183,11 +198,21 @@ class EditedAttention:
     def __init__(self, layer: str, edits: Sequence[AttentionEdit]):
         self.layer, self.edits = layer, list(edits)
 
+    def probs(self, scores: torch.Tensor, heads: int, cross: bool) -> torch.Tensor:
+        """The softmax of ``scores`` (batch * heads, queries, keys) with the edits, each row
+        renormalised over its keys after them."""
+        for edit in self.edits:
+            scores = edit.scores(self.layer, scores, heads, cross)
+        probs = scores.softmax(-1)
+        for edit in self.edits:
+            probs = edit.probs(self.layer, probs, heads, cross)
+        return probs / probs.sum(-1, keepdim=True).clamp_min(ROW_FLOOR)
+
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]
                  = None, attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  **kwargs) -> torch.Tensor:
         """diffusers' ``AttnProcessor`` step by step (spatial and group norms, 4-d inputs, the
-        residual), with the edits between ``Q K^T`` and the values."""
+        residual), with ``probs`` for its softmax."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -206,11 +231,7 @@ class EditedAttention:
         scores = query.float() @ key.float().transpose(-1, -2) * attn.scale
         if attention_mask is not None:
             scores = scores + attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0]).float()
-        for edit in self.edits:
-            scores = edit.scores(self.layer, scores, attn.heads, cross)
-        probs = scores.softmax(-1)
-        for edit in self.edits:
-            probs = edit.probs(self.layer, probs, attn.heads, cross)
+        probs = self.probs(scores, attn.heads, cross)
         out = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
@@ -220,6 +241,71 @@ class EditedAttention:
         return out / attn.rescale_output_factor
 
 
+class EditedJointAttention:
+    """A diffusers joint-attention processor (SD3 / SD3.5's ``JointAttnProcessor2_0``: one softmax
+    over image and text keys for image and text queries, image tokens first) computed explicitly in
+    fp32 so its image rows can pass through ``edits`` (``probs``)."""
+
+    def __init__(self, layer: str, edits: Sequence[AttentionEdit]):
+        self.layer, self.edits = layer, list(edits)
+
+    def probs(self, scores: torch.Tensor, image_tokens: int, heads: int) -> torch.Tensor:
+        """The joint softmax of ``scores`` (batch * heads, queries, keys; image tokens first in both)
+        with the edits on the image queries' rows: their text keys are the cross-attention
+        (``cross=True``), their image keys the self-attention (``cross=False``).
+
+        Scores: each part as it is. Probabilities: each part renormalised over its own keys (a
+        distribution, as a UNet layer's row is; the text part is the map ``ela_ext.joint_attention``
+        reads); the edited parts go back in at the row's own text and image masses and the row is
+        renormalised over all keys. So a replaced text part keeps the row's text mass, and
+        probability an edit takes away goes to every key of the row in proportion. The text
+        queries' rows are the plain softmax."""
+        image, text = slice(0, image_tokens), slice(image_tokens, None)
+        parts = {True: text, False: image}
+        scores = scores.clone()
+        for edit in self.edits:
+            for cross, keys in parts.items():
+                scores[:, image, keys] = edit.scores(self.layer, scores[:, image, keys], heads, cross)
+        probs = scores.softmax(-1)
+        masses = {cross: probs[:, image, keys].sum(-1, keepdim=True) for cross, keys in parts.items()}
+        shares = {cross: probs[:, image, keys] / masses[cross].clamp_min(ROW_FLOOR) for cross, keys in parts.items()}
+        for edit in self.edits:
+            for cross in shares:
+                shares[cross] = edit.probs(self.layer, shares[cross], heads, cross)
+        rows = torch.cat([shares[False] * masses[False], shares[True] * masses[True]], -1)
+        return torch.cat([rows / rows.sum(-1, keepdim=True).clamp_min(ROW_FLOOR), probs[:, text]], 1)
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' ``JointAttnProcessor2_0`` step by step (the text's added projections, the q/k
+        norms, ``to_add_out`` but in the context-pre-only last block; it ignores the other arguments
+        too), with ``probs`` for its softmax."""
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def heads_apart(tensor: torch.Tensor) -> torch.Tensor:  # (B, L, heads * D) -> (B, heads, L, D)
+            return tensor.view(batch, -1, attn.heads, tensor.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = (heads_apart(project(hidden_states)) for project in (attn.to_q, attn.to_k, attn.to_v))
+        text_query, text_key, text_value = (heads_apart(project(encoder_hidden_states))
+                                            for project in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        query, key, value = (torch.cat(pair, 2) for pair in ((query, text_query), (key, text_key), (value, text_value)))
+        scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5  # SDPA's scale
+        probs = self.probs(scores.flatten(0, 1), image_tokens, attn.heads).view(scores.shape)
+        out = (probs.to(value.dtype) @ value).transpose(1, 2).flatten(2)
+        image_out, text_out = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return attn.to_out[1](attn.to_out[0](image_out)), text_out
+
+
 def attention_layers(unet: nn.Module, cross: bool) -> list[tuple[str, nn.Module]]:
     """The UNet's cross-attention layers (``cross``) or its self-attention ones, in module order."""
     return [(name, module) for name, module in unet.named_modules()
@@ -227,14 +313,25 @@ def attention_layers(unet: nn.Module, cross: bool) -> list[tuple[str, nn.Module]
             and is_cross_attention(name, module) == cross]
 
 
+def editable_layers(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Where the edits act: a UNet's cross- and self-attention layers, or an SD3 transformer's joint
+    attention (each block's ``attn``; SD3.5's ``attn2`` attends among image tokens only)."""
+    if hasattr(denoiser, "transformer_blocks"):
+        return [(f"transformer_blocks.{index}.attn", block.attn)
+                for index, block in enumerate(denoiser.transformer_blocks)]
+    return attention_layers(denoiser, cross=True) + attention_layers(denoiser, cross=False)
+
+
 @contextmanager
 def edited(layers: Sequence[tuple[str, nn.Module]], edits: Sequence[AttentionEdit]) -> Iterator[None]:
-    """``layers`` run ``EditedAttention`` with ``edits`` inside the block; their own processors are
-    back on every exit."""
+    """``layers`` run ``EditedAttention`` (``EditedJointAttention`` where the text has queries of
+    its own: joint attention) with ``edits`` inside the block; their own processors are back on
+    every exit."""
     saved = [module.processor for _, module in layers]
     try:
         for name, module in layers:
-            module.set_processor(EditedAttention(name, edits))
+            joint = getattr(module, "add_q_proj", None) is not None
+            module.set_processor((EditedJointAttention if joint else EditedAttention)(name, edits))
         yield
     finally:
         for (_, module), processor in zip(layers, saved):
