@@ -46,8 +46,17 @@ f. Separate-and-Enhance's recipe at 1.0x: ``benchmark.commands.finetune`` with i
    paper's ``to_k`` LoRA, noise inputs) for ``--finetune-steps`` on the model, then held_out both
    correct without -> with the LoRA merged (effect's ``--lora`` machinery). Minutes: ``--skip f``.
 
-An MM-DiT (``benchmark.models.mmdit``) runs d and e only: a, b, c and f edit a UNet's
-cross-attention (``UNET_ONLY``); e samples by flow-matching Euler instead of DDIM.
+An MM-DiT (``benchmark.models.mmdit``) runs a-e, sampling by flow-matching Euler instead of DDIM
+(the edits' t / T is the step's flow sigma); f fine-tunes a UNet's ``to_k`` (``UNET_ONLY``). Its text
+enters through one softmax per joint block over image and text keys, and a-c edit every joint block
+(``attention_edits.EditedJointAttention``): the image queries' text keys stand for the
+cross-attention, their image keys for the self-attention, the text queries are left alone, and the
+strips are cut on the image-token grid (64 tokens: 8x8). a: the entity columns' probability outside
+their strip taken from the image rows, each row renormalised over all its keys (image keys take
+their share). b: the modulation of the image rows' entity columns and of their image keys (pixels of
+one strip), each part's score range its own. c: the maps recorded and replayed are the image rows'
+text part renormalised over the text columns (the engine's joint maps), and a replayed map keeps
+each row's own text mass: only where its text attention goes changes.
 
 Figures are printed, never asserted: the tests check the parts' mechanics, not a model's scores.
 """
@@ -77,7 +86,7 @@ from ..judge.evaluate import MERGED, MISSING, WRONG_COLOUR, WRONG_SHAPE, Report,
 from ..judge.families import family_prompts
 from ..judge.metrics import centroid, mask_iou
 from ..models.attention_edits import (AttentionEdit, DenseModulation, MapRecorder, MapReplay, StripConfinement,
-                                      attention_layers, edited)
+                                      editable_layers, edited)
 from ..models.model import BenchmarkModel, load_model
 from ..models.scenes import Scene, parse_prompt, training_scene
 from ..paths import BUNDLED_WEIGHTS
@@ -85,10 +94,9 @@ from . import finetune
 from .effect import FOUND, parse_seeds, run_setting, summary
 
 PARTS = ("a", "b", "c", "d", "e", "f")
-# Parts that edit or fine-tune a UNet's cross-attention layers (processors, ``attn2.to_k``); an MM-DiT has
-# none: its text enters through joint attention, where a-c's edits would need a joint processor (the
-# image-to-text block of one softmax) and f's LoRA the text keys ``add_k_proj``, not written yet.
-UNET_ONLY = ("a", "b", "c", "f")
+# Parts that fine-tune a UNet's cross-attention (``attn2.to_k``); an MM-DiT has none: its text enters
+# through joint attention, where f's LoRA would need the text keys ``add_k_proj``, not written yet.
+UNET_ONLY = ("f",)
 BLEEDING_FAMILIES = ("held_out", "seen", "three", "single")
 FAILURES = (MISSING, WRONG_COLOUR, MERGED, WRONG_SHAPE)
 
@@ -153,16 +161,17 @@ def share(flags: Sequence[bool]) -> float:
 
 def sample_reports(model: BenchmarkModel, prompt: str, seeds: Sequence[int], edits: Sequence[AttentionEdit],
                    sizes: Sizes) -> list[Report]:
-    """Plain sampling of ``prompt`` for ``seeds`` in one batch, ``edits`` on every attention layer
-    and active for the first ``sizes.window`` of the steps; the evaluator's report per image."""
-    total_time = model.scheduler_config["num_train_timesteps"]
+    """Plain sampling of ``prompt`` for ``seeds`` in one batch, ``edits`` on every editable layer (a
+    UNet's attention layers, an MM-DiT's joint attention) and active for the first ``sizes.window`` of
+    the steps; the evaluator's report per image."""
+    # DDIM's on_step gives its timestep, the flow sampler's its sigma: t / T already
+    total_time = 1.0 if model.backbone == "mmdit" else model.scheduler_config["num_train_timesteps"]
 
     def on_step(step_index: int, timestep: Any) -> None:
         for edit in edits:
             edit.at_step(step_index, float(timestep) / total_time, step_index < sizes.window * sizes.steps)
 
-    layers = attention_layers(model.unet, cross=True) + attention_layers(model.unet, cross=False)
-    with edited(layers if edits else [], edits):
+    with edited(editable_layers(model.unet) if edits else [], edits):
         latents = model.sample([prompt] * len(seeds), ElaConfig(), seeds, num_steps=sizes.steps,
                                guidance_scale=sizes.guidance, on_step=on_step).latents
     objects = parse_prompt(prompt)
@@ -291,7 +300,7 @@ def measure(model: BenchmarkModel, sizes: Sizes, parts: Sequence[str],
     if model.backbone != "unet":
         skipped = [part for part in parts if part in UNET_ONLY]
         if skipped:
-            progress(f"{','.join(skipped)}: left out, they edit a UNet's cross-attention (an MM-DiT has none)")
+            progress(f"{','.join(skipped)}: left out, it fine-tunes a UNet's cross-attention (an MM-DiT has none)")
         parts = [part for part in parts if part not in UNET_ONLY]
     if {"a", "b", "c"} & set(parts):
         progress("a-c: steering")
