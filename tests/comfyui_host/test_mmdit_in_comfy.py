@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_host import GRID_NODE, SAMPLER_NODE, WORKFLOW, without_ela
+from comfy_host import CHECKOUT, GRID_NODE, SAMPLER_NODE, WORKFLOW, comfy_root_or_skip, without_ela
 from test_comfyui import api_from_ui
 
 TINY = {"sd3": "diffusion_models/tiny-sd3-mmdit.safetensors", "flux": "diffusion_models/tiny-flux.safetensors",
@@ -119,6 +120,30 @@ def test_every_joint_block_choice_anchors(tiny_models, model):
             prompt["7"]["inputs"]["vae"] = ["13", 0]
         anchored, updates, first, last = comfy.run(prompt).summary()
         assert (anchored, updates) == (2, 4) and last < first, (choice, anchored, updates, first, last)
+
+
+@pytest.mark.parametrize("model", ["sd35-large", "sd35-medium"])
+def test_the_capture_reads_the_joint_attention_never_attn2(model):
+    """On SD3.5 the maps come from each read block's joint attention, with its RMS-normed queries;
+    SD3.5 Medium's image-only ``attn2`` also reaches the attention hook (block 0) and is passed
+    over. In ComfyUI's Python with the node and sampler the server runs (joint_capture_in_comfy.py):
+    the server cannot tell which attention the maps came from."""
+    root = comfy_root_or_skip()
+    skip_unless_built(root, model)
+    result = subprocess.run([str(root / "venv" / "bin" / "python"), str(Path(__file__).with_name(
+        "joint_capture_in_comfy.py")), str(CHECKOUT), SD3_CHECKPOINTS[model]], cwd=root / "ComfyUI",
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(root / "ComfyUI"), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (found["qk_norm"], found["dual_attention"]) == ("rms", [0] if model == "sd35-medium" else [])
+    assert found["report"].startswith("ELA log: steps=2;updates=10;"), found["report"]
+    kept = [call for call in found["calls"] if call["kept"]]
+    assert sorted(call["block"] for call in kept) == [0, 1]  # the default middle third of 2 blocks
+    assert all(call["queries"] == ["attn"] and call["length"] == call["text"] + call["image"] for call in kept)
+    passed_over = [call for call in found["calls"] if not call["kept"]]
+    assert [(call["block"], call["queries"], call["length"]) for call in passed_over] == \
+        ([(0, ["attn2"], 16)] if model == "sd35-medium" else [])
 
 
 def test_a_batch_of_two_at_cfg_1_anchors_both_flux_images(tiny_models):
