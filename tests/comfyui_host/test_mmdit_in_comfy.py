@@ -146,6 +146,31 @@ def test_the_capture_reads_the_joint_attention_never_attn2(model):
         ([(0, ["attn2"], 16)] if model == "sd35-medium" else [])
 
 
+def test_sd35_medium_with_skip_layer_guidance(tiny_models):
+    """SD3.5 Medium's recommended SkipLayerGuidanceSD3 before the node: its extra skipped-layer pass
+    (a post-CFG function) and the grad pass leave each other alone."""
+    comfy = host_with(tiny_models, "sd35-medium")
+
+    def with_slg(prompt: dict) -> dict:
+        prompt["14"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {
+            "model": ["1", 0], "layers": "1", "scale": 3.0, "start_percent": 0.0, "end_percent": 0.5}}
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if value == ["1", 0] and node["class_type"] != "SkipLayerGuidanceSD3":
+                    node["inputs"][name] = ["14", 0]
+        return prompt
+
+    plain = comfy.run(without_ela(mmdit_workflow("sd35-medium")))
+    absent = comfy.run(with_slg(without_ela(mmdit_workflow("sd35-medium"))))
+    assert differs(absent.pixels(), plain.pixels()) > 0.5
+    on = comfy.run(with_slg(mmdit_workflow("sd35-medium")))
+    anchored, updates, first, last = on.summary()
+    assert (anchored, updates) == (3, 15) and last < first, on.text()
+    assert differs(on.pixels(), absent.pixels()) > 0.5
+    off = comfy.run(with_slg(mmdit_workflow("sd35-medium", enabled=False)))
+    assert np.array_equal(off.pixels(), absent.pixels())
+
+
 def test_a_batch_of_two_at_cfg_1_anchors_both_flux_images(tiny_models):
     comfy = tiny_models
     prompt = mmdit_workflow("flux", steps=4, max_iterations=2)
