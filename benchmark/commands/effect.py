@@ -68,7 +68,7 @@ OVERRIDES = (("--lambda", "lambda_weight", float), ("--window-start", "window_st
              ("--window-end", "window_end", float), ("--iterations", "max_iterations", int),
              ("--threshold", "loss_threshold", float), ("--step-size", "step_size", float),
              ("--objective", "objective", str), ("--layers", "layers", str),
-             ("--binarization", "binarization", str))
+             ("--binarization", "binarization", str), ("--joint-blocks", "joint_blocks", str))
 
 
 @dataclass
