@@ -117,6 +117,21 @@ def test_committed_weights_sample_deterministically(weights):
     assert np.array_equal(ancestral, images(1.0)) and not np.array_equal(ancestral, a)
 
 
+@needs_weights
+def test_committed_mmdit_samples_deterministically_and_anchors():
+    from ela_ext.config import ElaConfig
+    model = load_model(BUNDLED_WEIGHTS.with_name("mmdit.safetensors"))
+    assert model.backbone == "mmdit" and model.latent_shape == (4, 16, 16)
+    prompts = ["a red circle and a blue square", "a star and a triangle"]
+    off = model.sample(prompts, ElaConfig(), [7, 8], num_steps=4)
+    images = model.decode(off.latents)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, model.decode(model.sample(prompts, ElaConfig(), [7, 8], num_steps=4).latents))
+    on = model.sample(prompts, ElaConfig(enabled=True, window_end=0.5), [7, 8], num_steps=4)
+    assert [log.step for log in on.session.steps] == [0, 1] and not on.session.warnings
+    assert not torch.equal(on.latents, off.latents)
+
+
 def test_grounding_loss_rewards_attention_on_the_own_object(tokenizer):
     from benchmark.models.train import grounding_loss
     from benchmark.models.scenes import render, Scene
