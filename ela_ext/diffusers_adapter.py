@@ -132,7 +132,7 @@ def sample_flow(transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: 
     (``diffusers_mmdit.sample``, the engine's joint capture). ``pooled``: the (conditional,
     unconditional) pooled text vectors of SD3's adaLN; None gives zeros (a model trained without
     pooled text, as the benchmark's MM-DiT). ``entity_specs``, ``loop_options``: as for ``sample``;
-    ``on_step(step_index, sigma)`` too, with the step's flow sigma for its timestep.
+    ``on_step(step_index, timestep)`` too, the timestep being SD3's ``1000 * sigma``.
     """
     config = config.validated()
     specs = list(entity_specs) if entity_specs is not None else [config.entities] * len(prompts)

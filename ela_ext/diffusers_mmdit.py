@@ -190,8 +190,9 @@ def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence
     (descending to 0), anchoring inside the window before each step's model evaluation, as the
     hosts do. SD3: classifier-free guidance (cond + uncond rows, scale ``guidance``); Flux-dev: one
     conditional row, ``guidance`` into its guidance embedding. ``loop_options`` go to
-    ``anchor_latent`` (the benchmark's random-direction control). ``on_step(step_index, sigma)``
-    runs before each step's guided forward (after anchoring), as ``diffusers_adapter.sample``'s."""
+    ``anchor_latent`` (the benchmark's random-direction control). ``on_step(step_index, timestep)``
+    runs before each step's guided forward (after anchoring) with the step's timestep, SD3's
+    ``1000 * sigma``, as ``diffusers_adapter.sample``'s gets DDIM's."""
     config = config.validated()
     session = None
     if config.enabled:
@@ -209,7 +210,7 @@ def sample(transformer: nn.Module, conditioning: Conditioning, targets: Sequence
             x = session.maybe_anchor(x, SamplerSpace.from_flow_sigma(float(sigma)), index, steps, forward,
                                      **(loop_options or {}))
         if on_step is not None:
-            on_step(index, float(sigma))
+            on_step(index, 1000 * float(sigma))
         if cfg:
             both = velocity(transformer, torch.cat([x, x]), sigma,
                             torch.cat([conditioning.context, conditioning.uncond_context]),

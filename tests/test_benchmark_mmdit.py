@@ -124,7 +124,7 @@ def test_off_is_a_plain_cfg_euler_flow_sampler(tiny):
         v_cond, v_uncond = velocity(transformer, torch.cat([x, x]), sigma.expand(2), context).chunk(2)
         x = x + (sigma_next - sigma) * (v_uncond + 4.0 * (v_cond - v_uncond))
     torch.testing.assert_close(first.latents, x, rtol=1e-5, atol=1e-5)
-    assert steps_seen == [(index, float(sigma)) for index, sigma in enumerate(sigmas[:-1])]  # on_step: its sigma
+    assert steps_seen == [(index, 1000 * float(sigma)) for index, sigma in enumerate(sigmas[:-1])]  # on_step: SD3's timestep
 
 
 def test_anchoring_changes_the_image_and_leaves_no_hook(tiny):

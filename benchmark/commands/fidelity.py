@@ -164,8 +164,7 @@ def sample_reports(model: BenchmarkModel, prompt: str, seeds: Sequence[int], edi
     """Plain sampling of ``prompt`` for ``seeds`` in one batch, ``edits`` on every editable layer (a
     UNet's attention layers, an MM-DiT's joint attention) and active for the first ``sizes.window`` of
     the steps; the evaluator's report per image."""
-    # DDIM's on_step gives its timestep, the flow sampler's its sigma: t / T already
-    total_time = 1.0 if model.backbone == "mmdit" else model.scheduler_config["num_train_timesteps"]
+    total_time = model.scheduler_config["num_train_timesteps"]  # on_step gives DDIM's or the flow's timestep
 
     def on_step(step_index: int, timestep: Any) -> None:
         for edit in edits:

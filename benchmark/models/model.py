@@ -218,7 +218,6 @@ class BenchmarkModel:
         return sample(self.unet, self.text_encoder, self.tokenizer, DDIMScheduler(**self.scheduler_config),
                       list(prompts), config, self.initial_noise(seeds), **options)
 
-
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         """The latents at ``timestep`` of 1000 as the model was trained: DDPM's ``alpha_bar`` for a UNet,
         ``sigma = timestep / 1000`` of rectified flow for an MM-DiT (SD3's timestep convention)."""
