@@ -35,9 +35,9 @@ def train_autoencoder(name: str, steps: int) -> None:
     autoencoder_module.train(autoencoder_module.parse_args(["--name", name, "--max-steps", str(steps), *AE_ARGS]))
 
 
-def train_unet(name: str, steps: int, autoencoder: str) -> None:
+def train_unet(name: str, steps: int, autoencoder: str, *extra: str) -> None:
     train_module.train(train_module.parse_args(
-        ["--name", name, "--max-steps", str(steps), "--autoencoder", autoencoder, *UNET_ARGS]))
+        ["--name", name, "--max-steps", str(steps), "--autoencoder", autoencoder, *UNET_ARGS, *extra]))
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -79,6 +79,16 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     scene = training_scene(3)
     assert model.encode(scene.image[None]).shape == (1, *LATENT_SHAPE)
+
+
+def test_middle_block_without_cross_attention_is_rebuilt_from_the_export(runs):
+    train_autoencoder("ae", 1)
+    train_unet("no-mid", 1, "ae", "--no-mid-attention")
+    model = load_model(train_module.export(runs / "no-mid", "no_mid", runs / "weights"))
+    assert type(model.unet.mid_block).__name__ == "UNetMidBlock2D"
+    assert not any(name.startswith("mid_block") and name.endswith("attn2") for name, _ in model.unet.named_modules())
+    images = model.decode(model.sample(["a red circle and a blue square"], ElaConfig(), [0], num_steps=2).latents)
+    assert images.shape == (1, 32, 32, 3)
 
 
 def test_scaled_scene_is_the_judges_scene_supersampled():

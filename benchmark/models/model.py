@@ -74,6 +74,9 @@ class ModelConfig:
     # SD's layout keeps cross-attention off its lowest-resolution level (SD 1.x: 64, 32, 16 with
     # attention, 8 without); None: every level has it (the bundled model's two levels).
     attention_levels: int | None = None
+    # False: the middle block without cross-attention, so that text enters only at the levels the
+    # anchor layers sit in (without a loss, maps localise only where the middle block reads the text).
+    mid_attention: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -116,6 +119,7 @@ def build_unet(config: ModelConfig, latent_shape: tuple[int, int, int] = PIXEL_U
         sample_size=size, in_channels=channels, out_channels=channels,
         block_out_channels=config.block_channels, layers_per_block=config.layers_per_block,
         down_block_types=down, up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if config.mid_attention else "UNetMidBlock2D",
         cross_attention_dim=config.text_hidden, attention_head_dim=config.unet_heads,
         norm_num_groups=16)
 

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-channels", default="64,128", help="UNet channels per resolution level")
     p.add_argument("--attention-levels", type=int, default=None,
                    help="levels with cross-attention, from the highest resolution (default: all)")
+    p.add_argument("--no-mid-attention", action="store_true",
+                   help="the middle block without cross-attention (text only at the levels' blocks)")
     p.add_argument("--autoencoder", default=None,
                    help="runs/NAME of a trained benchmark.autoencoder: learn on its 4x16x16 latents of "
                         "128 px scenes instead of the pixel-unshuffled 12x16x16 (copied into the run)")
@@ -91,7 +93,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig | MMDiTConfig:
     return ModelConfig(text_layers=args.text_layers, text_heads=args.text_heads,
                        blank_eos=not args.no_blank_eos, unet_heads=args.unet_heads,
                        block_channels=tuple(int(c) for c in getattr(args, "block_channels", "64,128").split(",")),
-                       attention_levels=getattr(args, "attention_levels", None))
+                       attention_levels=getattr(args, "attention_levels", None),
+                       mid_attention=not getattr(args, "no_mid_attention", False))
 
 
 def make_batch(args, step: int, tokenizer, cache: dict, autoencoder=None):
