@@ -9,20 +9,18 @@ the SD3 checkpoint with its own settings file (TAESD decoding, T5 off as A1111 d
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pytest
 
 from ela_ext.config import JOINT_BLOCK_CHOICES, ElaConfig
-from ela_ext.joint_attention import choose_blocks
 
 from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, payload, require_files)
+                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
 from webui_host import (SCRIPT_TITLE, SPEC, WebUI, assert_bad_input_gives_the_off_image, assert_no_failure,
                         assert_sampler_continues_from_the_anchored_latent, checkout_in_extensions, checkout_linked,
-                        ela_args, infotext, pixels, xyz_args, xyz_axis, xyz_cells)
+                        ela_args, infotext, pixels)
 
 SD3_FILES = ["webui/models/Stable-diffusion/tiny-sd3.safetensors", "webui/models/VAE-taesd/taesd3_decoder.pth",
              "webui/models/VAE-approx/vaeapprox-sd3.pt", "hf-home-tiny/hub"]
@@ -84,31 +82,8 @@ def test_sd3_every_block_choice_anchors(sd3, blocks):
 
 
 def test_sd3_xyz_enabled_and_block_axes(sd3):
-    """The X/Y/Z plot on an MM-DiT, the accordion off: the off cells are the plain image, and each
-    on cell is the image the accordion gives with its ``[ELA] MM-DiT blocks`` choice, names it in
-    its infotext and differs from another cell exactly where the two read other blocks (on the
-    2-block tiny SD3 ``middle`` and ``all`` both read blocks 0 and 1)."""
-    request = payload()
-    enabled = xyz_axis(sd3, "[ELA] Enabled")
-    blocks = xyz_axis(sd3, "[ELA] MM-DiT blocks")
-    grid = sd3.txt2img(**request, **ela_args(enabled=False),
-                       **xyz_args((enabled, "", ["False", "True"]), (blocks, "", list(JOINT_BLOCK_CHOICES))))
-    cells = xyz_cells(grid)
-    assert len(cells) == 2 * len(JOINT_BLOCK_CHOICES)
-    plain = pixels(sd3.txt2img(**request)["images"][0])
-    off_cells = [image for image, text in cells if "ELA" not in text]
-    assert len(off_cells) == len(JOINT_BLOCK_CHOICES) and all(pixels(image) == plain for image in off_cells)
-    on = {}
-    for choice in JOINT_BLOCK_CHOICES:
-        ((image, text),) = [(image, text) for image, text in cells if f";blocks={choice}" in text]
-        assert f"ELA: entities={SPEC};" in text and "ELA log: steps=3;" in text, text
-        assert_no_failure(text)
-        assert pixels(image) == pixels(sd3.txt2img(**request, **ela_args(joint_blocks=choice))["images"][0])
-        on[choice] = pixels(image)
-    assert all(image != plain for image in on.values())
-    for a, b in itertools.combinations(JOINT_BLOCK_CHOICES, 2):
-        same_blocks = choose_blocks(SD3_JOINT_BLOCKS, a) == choose_blocks(SD3_JOINT_BLOCKS, b)
-        assert (on[a] == on[b]) == same_blocks, (a, b)
+    """A cell's ``[ELA] MM-DiT blocks`` value reaches SD3's joint-attention capture and its infotext."""
+    assert_xyz_enabled_and_block_axes(sd3, payload(), SD3_JOINT_BLOCKS)
 
 
 @pytest.mark.parametrize("sampler, history", [("Euler", 0), ("DPM++ 2M", 1)])

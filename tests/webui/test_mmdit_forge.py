@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, payload, require_files)
+                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
 from test_forge import Forge
 from webui_host import (SPEC, assert_no_failure, assert_sampler_continues_from_the_anchored_latent,
                         checkout_in_extensions, checkout_linked, ela_args, infotext, pixels)
@@ -29,6 +29,9 @@ REQUIRED = [f"webui/models/Stable-diffusion/{name}" for name in MODELS.values()]
 FIELDS = {"sd35": {"scheduler": "Simple"}, "flux": {"scheduler": "Simple", "cfg_scale": 1}}
 BASELINES = {f"{model}/{sampler}": (model, payload(sampler_name=sampler, **FIELDS[model]))
              for model in MODELS for sampler in ("Euler", "DPM++ 2M")}
+# Joint blocks of tiny-sd35 (make_tiny_forge_sd35.py's default --depth); tiny-flux has one
+# double block, where every block choice reads the same.
+SD35_JOINT_BLOCKS = 2
 TIMESTEP_SAMPLER = {"sd35": "ELA anchors SD3 / SD3.5 (MM-DiT) models under k-diffusion samplers",
                     "flux": "ELA anchors Flux (MM-DiT) models under k-diffusion samplers"}
 
@@ -137,6 +140,11 @@ def test_dit_batch_anchors_every_image(dit_forge, model):
     for text in result["info"]["infotexts"]:
         assert "ELA log: steps=3;" in text, text
         assert_no_failure(text)
+
+
+def test_sd35_xyz_enabled_and_block_axes(dit_forge):
+    """Forge's X/Y/Z plot is A1111's (its API takes the same args), with the ELA axes."""
+    assert_xyz_enabled_and_block_axes(use(dit_forge, "sd35"), payload(**FIELDS["sd35"]), SD35_JOINT_BLOCKS)
 
 
 def test_dit_grad_pass_failure_generates_as_if_off(dit_forge):
