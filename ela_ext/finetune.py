@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchoring import localize_target, objective_input
-from .capture import AttentionCapture, find_cross_attention_layers, is_cross_attention, run_truncated, weights_frozen
+from .capture import (AttentionCapture, CaptureError, find_cross_attention_layers, is_cross_attention, run_truncated,
+                      weights_frozen)
 from .config import LAYER_CHOICES, OBJECTIVE_NAMES, BINARIZATION_CHOICES
 from .objectives import OBJECTIVES
 from .tokens import EntityColumns
@@ -40,7 +41,8 @@ PROJECTIONS = ("to_k", "to_q", "to_v")
 
 
 class FinetuneError(RuntimeError):
-    """Training could not go on (a non-finite loss or gradient); nothing of it is kept."""
+    """Training could not start (the model has no cross-attention layer to train) or go on (a
+    non-finite loss or gradient); nothing of it is kept."""
 
 
 class TrainingCancelled(RuntimeError):
@@ -187,7 +189,10 @@ def changes_hooked(projections: Sequence[nn.Module], changes: Sequence[nn.Module
 def trained_layers(unet: nn.Module, choice: str) -> list[tuple[str, nn.Module]]:
     """The cross-attention layers whose ``to_k`` is trained: all of them, or a capture choice."""
     if choice == "all":
-        return [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
+        layers = [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
+        if not layers:
+            raise CaptureError("no cross-attention layer (attn2 with to_q/to_k) found in this model")
+        return layers
     return find_cross_attention_layers(unet, choice)
 
 
@@ -255,15 +260,18 @@ def train_key_projections(unet: nn.Module, denoise: Callable[[torch.Tensor, torc
         raise ValueError("the preservation term needs preservation prompts")
     if config.denoising > 0 and any(p.latent is None for p in prompts):
         raise ValueError("the denoising term needs an image (latent) with every training prompt")
+    try:
+        layers = trained_layers(unet, config.layers)
+        map_layers = [module for _, module in find_cross_attention_layers(unet, config.map_layers)]
+    except CaptureError as error:  # e.g. an MM-DiT: joint attention, no key projection of the text alone
+        raise FinetuneError(f"{error}: nothing to train; nothing was saved") from None
     generator = torch.Generator().manual_seed(config.seed)
-    layers = trained_layers(unet, config.layers)
     device = next(unet.parameters()).device
     projections = [(f"{name}.{projection}", getattr(module, projection))
                    for name, module in layers for projection in config.projections]
     changes = nn.ModuleList(_ProjectionChange(linear, config.rank, generator) for _, linear in projections).to(device)
     optimizer = torch.optim.AdamW(changes.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     draw = noisy_latents or paper_noisy_latents(alphas_cumprod, latent_shape, config.timesteps)
-    map_layers = [module for _, module in find_cross_attention_layers(unet, config.map_layers)]
     result = FinetuneResult(deltas=[])
     start = time.perf_counter()
     with weights_frozen(unet), changes_hooked([linear for _, linear in projections], changes), \

@@ -32,7 +32,7 @@ from modules import devices, paths, prompt_parser, shared
 from ela_ext.entities import EntitySpecError, format_spec
 from ela_ext.finetune import FinetuneConfig, FinetuneError, TrainingCancelled, TrainingPrompt, train_key_projections
 from ela_ext.lora_file import LoraFileError, save_lora
-from ela_webui import debug
+from ela_webui import debug, mmdit
 from ela_webui.prompts import (PromptSyntaxError, entity_phrases, host_parser, resolve, strip_extra_networks,
                                text_encoder)
 from ela_webui.sampling import diffusion_model, encoders_disagree, is_forge
@@ -40,6 +40,7 @@ from ela_webui.sampling import diffusion_model, encoders_disagree, is_forge
 # A file name the Lora folder and ``<lora:name:1>`` both take: no folders, no prompt syntax.
 NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,99}$")
 NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sd2_v": 768, "sdxl": 1024}
+TRAINABLE = "SD 1.x / 2.x / SDXL UNets"
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 8
 
@@ -81,6 +82,17 @@ class TrainingJob:
                                   layers=self.layers, preservation=self.preservation, seed=self.seed).validated()
         except (TypeError, ValueError) as error:
             raise TrainingRefused(422, str(error)) from None
+
+
+def untrainable_model(sd_model) -> Optional[str]:
+    """Why the loaded model cannot be trained, or None: an MM-DiT (SD3 / SD3.5, Flux) has no
+    cross-attention key projection, only joint attention, which this training does not touch."""
+    family = mmdit.model_family(sd_model)
+    if family is None:
+        return None
+    return (f"the loaded model is {mmdit.FAMILY_NAMES[family]}: training supports {TRAINABLE} (their "
+            "cross-attention key projections); MM-DiT models are anchored at generation but not trained. "
+            "Load an SD 1.x / 2.x / SDXL checkpoint to train")
 
 
 def model_family(sd_model) -> str:
@@ -247,11 +259,14 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def train(job: TrainingJob) -> dict:
     """Train on the loaded model and write ``<lora folder>/<name>.safetensors``. Raises
-    ``TrainingRefused`` (nothing written, model untouched) with the reason on bad input, a
-    non-finite loss, out of memory or Interrupt. The caller holds the queue lock and job state."""
+    ``TrainingRefused`` (nothing written, model untouched) with the reason on bad input, a loaded
+    model it cannot train (checked first: an MM-DiT), a non-finite loss, out of memory or Interrupt. The caller holds the queue lock and job state."""
     sd_model = shared.sd_model
     if sd_model is None:
         raise TrainingRefused(409, "no model is loaded")
+    untrainable = untrainable_model(sd_model)
+    if untrainable:
+        raise TrainingRefused(409, untrainable)
     config = job.config()
     path = lora_path(job)
     prompts, specs = training_prompts(job, sd_model)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from modules import script_callbacks, scripts
 
-from ela_ext.config import OBJECTIVE_NAMES
+from ela_ext.config import JOINT_BLOCK_CHOICES, LAYER_CHOICES, OBJECTIVE_NAMES
 
 AXIS_VALUES_ATTRIBUTE = "ela_axis_values"
 AXIS_PREFIX = "[ELA] "
@@ -25,6 +25,8 @@ logger = logging.getLogger("ela")
 
 # (field, value type, choices) in the order the axes are listed; a type of str with choices is a
 # dropdown axis, the others are typed in (numbers accept the X/Y/Z ranges, "0.1-0.5 (+0.1)").
+# New axes go last: the API names an axis by its index in the list. Layers are read by UNets only
+# and MM-DiT blocks by MM-DiTs only, so on the other family those cells are the same image.
 AXES: tuple[tuple[str, type, Optional[tuple[str, ...]]], ...] = (
     ("enabled", str, ("False", "True")),
     ("entities", str, None),
@@ -35,6 +37,8 @@ AXES: tuple[tuple[str, type, Optional[tuple[str, ...]]], ...] = (
     ("step_size", float, None),
     ("objective", str, OBJECTIVE_NAMES),
     ("loss_threshold", float, None),
+    ("layers", str, LAYER_CHOICES),
+    ("joint_blocks", str, JOINT_BLOCK_CHOICES),
 )
 
 

@@ -11,6 +11,7 @@ from ela_ext.finetune import (FinetuneConfig, FinetuneError, TrainingCancelled, 
                               train_key_projections, trained_layers)
 from ela_ext.lora_file import merged_lora, save_lora
 from ela_ext.tokens import EntityColumns, ResolvedEntity, WordColumns
+from tiny_mmdit import TinyMMDiT
 
 TARGET = EntityColumns(
     entities=(ResolvedEntity("cat", (2,), (WordColumns("black", (1,)),)), ResolvedEntity("frog", (5,), ())),
@@ -132,6 +133,18 @@ def test_bad_input_is_refused_before_training(tiny_unet):
         FinetuneConfig(learning_rate=float("nan")).validated()
     with pytest.raises(ValueError, match="preservation prompts"):
         _train(tiny_unet, FinetuneConfig(preservation=0.5))
+
+
+@pytest.mark.parametrize("layers", ["all", "up_lowest"])
+def test_a_model_without_cross_attention_is_refused_before_training(layers):
+    """An MM-DiT (joint attention, no ``attn2``): a FinetuneError saying so, the denoiser never called."""
+    model = TinyMMDiT()
+    calls = []
+    with pytest.raises(FinetuneError, match=r"no cross-attention layer .* found in this model: nothing to train"):
+        train_key_projections(model, lambda *args: calls.append(args), lambda prompts: _context(len(prompts)),
+                              [TrainingPrompt("a black cat and a frog", TARGET)], ALPHAS, SHAPE,
+                              FinetuneConfig(layers=layers))
+    assert calls == [] and _hooks(model) == 0
 
 
 def test_denoising_term_trains_values_on_images(tiny_unet):

@@ -3,17 +3,21 @@ SD3.5 and Flux in Forge) check in every host and family, so the hosts are held t
 assertions. The tiny models come from ``shared/webui-mmdit`` (random weights, noise images):
 these check mechanics: off is the image of a host without the extension, on anchors with a falling
 loss (the grad pass reads the joint attention through the host's own functions, which are the
-host's again afterwards), and where a model or sampler cannot be anchored ELA says so and gives
-the off image.
+host's again afterwards), where a model or sampler cannot be anchored ELA says so and gives
+the off image, and the X/Y/Z plot's block axis sets each cell's blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
-from webui_host import SCRIPT_TITLE, SPEC, WebUI, assert_no_failure, ela_args, hook_counts, infotext, pixels
+from ela_ext.config import JOINT_BLOCK_CHOICES
+from ela_ext.joint_attention import choose_blocks
+from webui_host import (SCRIPT_TITLE, SPEC, WebUI, assert_no_failure, ela_args, hook_counts, infotext, pixels,
+                        xyz_args, xyz_axis, xyz_cells)
 
 
 def payload(**fields) -> dict:
@@ -81,3 +85,31 @@ def assert_no_function_replaced(server: WebUI) -> None:
     functions = {name: count for name, count in hook_counts(server).items()
                  if name.startswith(("modules.models.", "backend.nn."))}
     assert functions and not any(functions.values()), functions
+
+
+def assert_xyz_enabled_and_block_axes(server: WebUI, request: dict, joint_blocks: int) -> None:
+    """The X/Y/Z plot, the accordion off, ``[ELA] Enabled`` (False, True) against ``[ELA] MM-DiT
+    blocks`` (every choice): the off cells are the plain image, and each on cell is the image the
+    accordion gives with its block choice, names it in its infotext, anchors, and differs from
+    another on cell exactly where the two read other blocks (a model with ``joint_blocks``
+    blocks: with 2, ``middle`` and ``all`` both read blocks 0 and 1)."""
+    enabled = xyz_axis(server, "[ELA] Enabled")
+    blocks = xyz_axis(server, "[ELA] MM-DiT blocks")
+    grid = server.txt2img(**request, **ela_args(enabled=False),
+                          **xyz_args((enabled, "", ["False", "True"]), (blocks, "", list(JOINT_BLOCK_CHOICES))))
+    cells = xyz_cells(grid)
+    assert len(cells) == 2 * len(JOINT_BLOCK_CHOICES)
+    plain = pixels(server.txt2img(**request)["images"][0])
+    off_cells = [image for image, text in cells if "ELA" not in text]
+    assert len(off_cells) == len(JOINT_BLOCK_CHOICES) and all(pixels(image) == plain for image in off_cells)
+    on = {}
+    for choice in JOINT_BLOCK_CHOICES:
+        ((image, text),) = [(image, text) for image, text in cells if f";blocks={choice}" in text]
+        assert f"ELA: entities={SPEC};" in text and "ELA log: steps=3;" in text, text
+        assert_no_failure(text)
+        assert pixels(image) == pixels(server.txt2img(**request, **ela_args(joint_blocks=choice))["images"][0])
+        on[choice] = pixels(image)
+    assert all(image != plain for image in on.values())
+    for a, b in itertools.combinations(JOINT_BLOCK_CHOICES, 2):
+        same_blocks = choose_blocks(joint_blocks, a) == choose_blocks(joint_blocks, b)
+        assert (on[a] == on[b]) == same_blocks, (a, b)

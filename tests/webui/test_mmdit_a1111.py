@@ -4,11 +4,13 @@ The host is the one ``real-host/setup.sh`` prepares, with the tiny random SD3 of
 ``shared/webui-mmdit/make_tiny_a1111_sd3.py`` added (its checkpoint, the fixed-name TAESD decoder
 its images are decoded with, and the offline tokenizer cache its text encoders load by name).
 Without them every test here skips and says which file is missing. Each server here starts on
-the SD3 checkpoint with its own settings file (TAESD decoding, T5 off as A1111 defaults).
+the SD3 checkpoint with its own settings file (TAESD decoding, T5 off as A1111 defaults); the one
+with the extension builds its UI too (the training tab) and has a Lora folder of its own.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import pytest
 from ela_ext.config import JOINT_BLOCK_CHOICES, ElaConfig
 
 from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, payload, require_files)
+                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
+from test_training import click_train
+from training_checks import MMDIT_REFUSAL, assert_no_job_left, assert_training_refused_on_an_mmdit, lora_files
 from webui_host import (SCRIPT_TITLE, SPEC, WebUI, assert_bad_input_gives_the_off_image, assert_no_failure,
                         assert_sampler_continues_from_the_anchored_latent, checkout_in_extensions, checkout_linked,
                         ela_args, infotext, pixels)
@@ -25,17 +29,22 @@ from webui_host import (SCRIPT_TITLE, SPEC, WebUI, assert_bad_input_gives_the_of
 SD3_FILES = ["webui/models/Stable-diffusion/tiny-sd3.safetensors", "webui/models/VAE-taesd/taesd3_decoder.pth",
              "webui/models/VAE-approx/vaeapprox-sd3.pt", "hf-home-tiny/hub"]
 SD3_SETTINGS = {"sd_vae_decode_method": "TAESD", "sd3_enable_t5": False}
+# Joint blocks of tiny-sd3 (make_tiny_a1111_sd3.py's default --depth).
+SD3_JOINT_BLOCKS = 2
 # Off must equal the host without the extension for each of these.
 BASELINES = {"Euler": payload(), "DPM++ 2M": payload(sampler_name="DPM++ 2M")}
 TIMESTEP_SAMPLER = ("ELA anchors SD3 / SD3.5 (MM-DiT) models under k-diffusion samplers (Euler, DPM++, ...), "
                     "not DDIM / PLMS / UniPC: image left unanchored")
 
 
-def start_sd3(root: Path, workdir: Path, name: str, env: dict[str, str]) -> WebUI:
-    """A1111 on tiny-sd3 (API only): its settings file written first, tokenizers from the cache."""
+def start_sd3(root: Path, workdir: Path, name: str, env: dict[str, str], with_ui: bool = False,
+              ready_path: str = "/sdapi/v1/sd-models", extra_flags: tuple[str, ...] = ()) -> WebUI:
+    """A1111 on tiny-sd3 (API only unless ``with_ui``): its settings file written first,
+    tokenizers from the cache; ``ready_path`` and ``extra_flags`` as ``WebUI`` takes them."""
     (workdir / f"{name}-config.json").write_text(json.dumps(SD3_SETTINGS))
-    return WebUI(root, workdir, name, {"HF_HOME": str(root / "hf-home-tiny"), **env},
-                 extra_flags=("--ckpt", "models/Stable-diffusion/tiny-sd3.safetensors"))
+    return WebUI(root, workdir, name, {"HF_HOME": str(root / "hf-home-tiny"), **env}, with_ui=with_ui,
+                 ready_path=ready_path,
+                 extra_flags=("--ckpt", "models/Stable-diffusion/tiny-sd3.safetensors", *extra_flags))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +64,16 @@ def sd3_absent(sd3_root, workdir):
 
 
 @pytest.fixture(scope="module")
-def sd3(sd3_root, workdir, sd3_absent):
-    with checkout_in_extensions(sd3_root), start_sd3(sd3_root, workdir, "sd3-with-ela", {"ELA_DEBUG": "1"}) as server:
+def sd3_lora_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sd3-lora")
+
+
+@pytest.fixture(scope="module")
+def sd3(sd3_root, workdir, sd3_absent, sd3_lora_dir):
+    """With the extension, its debug routes, the UI (the training tab) and a Lora folder of its own."""
+    with checkout_in_extensions(sd3_root), \
+            start_sd3(sd3_root, workdir, "sd3-with-ela", {"ELA_DEBUG": "1"}, with_ui=True,
+                      ready_path="/ela/v1/debug/hooks", extra_flags=("--lora-dir", str(sd3_lora_dir))) as server:
         yield server
 
 
@@ -77,6 +94,11 @@ def test_sd3_on_anchors_with_a_falling_loss(sd3, sampler):
 @pytest.mark.parametrize("blocks", JOINT_BLOCK_CHOICES)
 def test_sd3_every_block_choice_anchors(sd3, blocks):
     assert_anchors_with_a_falling_loss(sd3, payload(), joint_blocks=blocks)
+
+
+def test_sd3_xyz_enabled_and_block_axes(sd3):
+    """A cell's ``[ELA] MM-DiT blocks`` value reaches SD3's joint-attention capture and its infotext."""
+    assert_xyz_enabled_and_block_axes(sd3, payload(), SD3_JOINT_BLOCKS)
 
 
 @pytest.mark.parametrize("sampler, history", [("Euler", 0), ("DPM++ 2M", 1)])
@@ -137,3 +159,15 @@ def test_sd3_token_route_reads_the_clip_columns(sd3, prompt, expected):
     result = sd3.txt2img(**payload(prompt=prompt), **ela_args())
     assert "ELA log: steps=3;" in infotext(result)
     assert_no_failure(infotext(result))
+
+
+def test_sd3_training_is_refused_with_what_it_supports(sd3, sd3_lora_dir):
+    """Training (S&E's key projections) is UNet-only: ``POST /ela/v1/train`` and the training
+    tab's button say so with SD3 loaded and do nothing (no file, no patch, the same image after)."""
+    assert_training_refused_on_an_mmdit(sd3, sd3_lora_dir, payload(), "SD3 / SD3.5 (MM-DiT)")
+    before = sd3.txt2img(**payload())["images"][0]
+    message, _ = click_train(sd3, "sd3-from-the-tab", "a black cat and a green frog")
+    assert f"Not trained: the loaded model is SD3 / SD3.5 (MM-DiT): {MMDIT_REFUSAL}" in html.unescape(message), message
+    assert_no_job_left(sd3)
+    assert lora_files(sd3_lora_dir) == []
+    assert sd3.txt2img(**payload())["images"][0] == before

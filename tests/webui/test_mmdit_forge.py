@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, payload, require_files)
+                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
 from test_forge import Forge
+from training_checks import assert_training_refused_on_an_mmdit
 from webui_host import (SPEC, assert_no_failure, assert_sampler_continues_from_the_anchored_latent,
                         checkout_in_extensions, checkout_linked, ela_args, infotext, pixels)
 
@@ -29,6 +30,9 @@ REQUIRED = [f"webui/models/Stable-diffusion/{name}" for name in MODELS.values()]
 FIELDS = {"sd35": {"scheduler": "Simple"}, "flux": {"scheduler": "Simple", "cfg_scale": 1}}
 BASELINES = {f"{model}/{sampler}": (model, payload(sampler_name=sampler, **FIELDS[model]))
              for model in MODELS for sampler in ("Euler", "DPM++ 2M")}
+# Joint blocks of tiny-sd35 (make_tiny_forge_sd35.py's default --depth); tiny-flux has one
+# double block, where every block choice reads the same.
+SD35_JOINT_BLOCKS = 2
 TIMESTEP_SAMPLER = {"sd35": "ELA anchors SD3 / SD3.5 (MM-DiT) models under k-diffusion samplers",
                     "flux": "ELA anchors Flux (MM-DiT) models under k-diffusion samplers"}
 
@@ -59,8 +63,9 @@ def fixture_linked(root: Path):
             link.unlink()
 
 
-def start(root: Path, workdir: Path, name: str, env: dict[str, str]) -> Forge:
-    return Forge(root, workdir, name, env, ("--ckpt", str(root / "webui" / "models" / "Stable-diffusion" / MODELS["sd35"])))
+def start(root: Path, workdir: Path, name: str, env: dict[str, str], extra_flags: tuple[str, ...] = ()) -> Forge:
+    return Forge(root, workdir, name, env,
+                 ("--ckpt", str(root / "webui" / "models" / "Stable-diffusion" / MODELS["sd35"]), *extra_flags))
 
 
 def use(server: Forge, model: str) -> Forge:
@@ -84,9 +89,15 @@ def dit_absent(dit_root, dit_workdir):
 
 
 @pytest.fixture(scope="module")
-def dit_forge(dit_root, dit_workdir, dit_absent):
+def dit_lora_dir(dit_workdir) -> Path:
+    return dit_workdir / "lora"
+
+
+@pytest.fixture(scope="module")
+def dit_forge(dit_root, dit_workdir, dit_absent, dit_lora_dir):
+    """With the extension, its debug routes and a Lora folder of the tests' own."""
     with fixture_linked(dit_root), checkout_in_extensions(dit_root), \
-            start(dit_root, dit_workdir, "dit-with-ela", {"ELA_DEBUG": "1"}) as server:
+            start(dit_root, dit_workdir, "dit-with-ela", {"ELA_DEBUG": "1"}, ("--lora-dir", str(dit_lora_dir))) as server:
         yield server
 
 
@@ -139,6 +150,11 @@ def test_dit_batch_anchors_every_image(dit_forge, model):
         assert_no_failure(text)
 
 
+def test_sd35_xyz_enabled_and_block_axes(dit_forge):
+    """Forge's X/Y/Z plot is A1111's (its API takes the same args), with the ELA axes."""
+    assert_xyz_enabled_and_block_axes(use(dit_forge, "sd35"), payload(**FIELDS["sd35"]), SD35_JOINT_BLOCKS)
+
+
 def test_dit_grad_pass_failure_generates_as_if_off(dit_forge):
     server = use(dit_forge, "flux")
     off = server.txt2img(**payload(**FIELDS["flux"]))
@@ -182,6 +198,13 @@ def test_flux_token_route_reads_the_t5_columns(dit_forge):
     assert "".join(texts[c] for c in columns["frog"]) == "frog"
     assert answer["sot_columns"] == [max(texts) + 1]
     assert answer["warnings"] == []
+
+
+@pytest.mark.parametrize("model, family", [("sd35", "SD3 / SD3.5 (MM-DiT)"), ("flux", "Flux (MM-DiT)")])
+def test_dit_training_is_refused_with_what_it_supports(dit_forge, dit_lora_dir, model, family):
+    """Training (S&E's key projections) is UNet-only: ``POST /ela/v1/train`` says so with SD3.5 or
+    Flux loaded, before any work (no file, no patch, the same image after)."""
+    assert_training_refused_on_an_mmdit(use(dit_forge, model), dit_lora_dir, payload(**FIELDS[model]), family)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

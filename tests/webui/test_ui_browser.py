@@ -5,7 +5,9 @@ Headless Chromium, driven by Selenium through chromedriver, opens the txt2img pa
 from POST /ela/v1/tokens, a chip click toggling its word in Entities, "Detect from prompt", the
 route's 422 reason for a bad spec, the tooltips, and a pasted infotext refreshing the chips. It
 takes a screenshot of the accordion (into pytest's temp dir; ``ELA_UI_SCREENSHOT=<file.png>``
-copies it there too, which is how docs/ui.png is made).
+copies it there too, which is how docs/ui.png is made). One test opens the page on A1111's tiny SD3
+(test_mmdit_a1111.py's server and files; it skips without them): the accordion, its MM-DiT blocks
+dropdown and the chips in the columns SD3 reads.
 
 Skips (saying why) without ELA_WEBUI (see conftest.py), without the ``selenium`` package, or
 without Chromium and chromedriver (Debian: ``apt-get install chromium chromium-driver``; or name
@@ -16,13 +18,15 @@ not run tests/webui.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from ela_ext.config import ElaConfig
+from ela_ext.config import JOINT_BLOCK_CHOICES, ElaConfig
+from test_mmdit_a1111 import sd3_root, start_sd3  # noqa: F401 (sd3_root: a fixture, skips without the SD3 files)
 from webui_host import WebUI, checkout_in_extensions
 
 webdriver = pytest.importorskip("selenium.webdriver", exc_type=ImportError,
@@ -65,10 +69,16 @@ def browser_tools() -> tuple[str, str]:
     return chromium, driver_path
 
 
-@pytest.fixture(scope="module")
-def ui_host(webui_root, browser_tools, workdir):
-    """The WebUI with its UI and the checkout linked (left alone when someone else linked it)."""
-    with checkout_in_extensions(webui_root), WebUI(webui_root, workdir, "ui-browser", {}, with_ui=True) as server:
+@pytest.fixture(scope="module", params=["sd1"])
+def ui_host(request, webui_root, browser_tools, workdir):
+    """The WebUI with its UI and the checkout linked (left alone when someone else linked it), on
+    tiny SD1; a test parametrised with "sd3" gets it on tiny SD3, started as test_mmdit_a1111.py
+    starts it. One fixture with two params, so pytest stops one server before starting the other."""
+    if request.param == "sd3":
+        start = lambda: start_sd3(request.getfixturevalue("sd3_root"), workdir, "ui-browser-sd3", {}, with_ui=True)
+    else:
+        start = lambda: WebUI(webui_root, workdir, "ui-browser", {}, with_ui=True)
+    with checkout_in_extensions(webui_root), start() as server:
         # Extensions' routes come last (on_app_started); the UI needs POST /ela/v1/tokens.
         deadline = time.monotonic() + 60
         while server.request("POST", "/ela/v1/tokens", {"prompt": PROMPT})[0] != 200:
@@ -291,10 +301,14 @@ def test_accordion_screenshot(page, tmp_path_factory):
     save_screenshot(accordion, tmp_path_factory, "ela-accordion.png", "ELA_UI_SCREENSHOT")
 
 
+def script_errors(driver) -> list[dict]:
+    """The console's errors since the last call; network failures (the WebUI's CDN script, this
+    machine is offline) are not ours."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
+
+
 def test_no_script_errors_in_the_console(page):
-    # Network failures (the WebUI's CDN script, this machine is offline) are not ours.
-    errors = [entry for entry in page.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
-    assert errors == []
+    assert script_errors(page) == []
 
 
 def choose(driver, dropdown_id: str, *options: str) -> None:
@@ -359,3 +373,51 @@ def test_presets_set_the_sliders(page):
     page.find_element(By.ID, ela_id("preset_defaults")).click()
     wait(page, lambda d: iterations(d) == str(ElaConfig().max_iterations), "Defaults to restore the iterations")
     assert "1.3x" in page.find_element(By.ID, ela_id("preset_fast")).get_attribute("title")
+
+
+# test_mmdit_a1111.py's token-route prompt: BREAK puts frog in SD3's second CLIP chunk (77 + 3).
+SD3_PROMPT = "a (black:1.3) cat BREAK a green frog"
+
+
+@pytest.mark.parametrize("ui_host", ["sd3"], indirect=True)
+def test_sd3_accordion_blocks_dropdown_and_chips(ui_host, browser):
+    """A1111 with its tiny SD3 loaded: the accordion is there and off; opened, its Advanced "MM-DiT
+    blocks" dropdown holds the block choices (the default chosen); the chips are the prompt's
+    words in the columns POST /ela/v1/tokens gives on SD3, the detected entities marked; no
+    script error."""
+    header = browser.find_element(By.CSS_SELECTOR, f"#{ela_id('enabled')} > .label-wrap")
+    assert header.is_displayed() and "Entity Anchoring (ELA)" in header.text
+    assert not view(browser)["enabled"] and not spec_box(browser).is_displayed()
+    assert not browser.execute_script("return gradioApp().querySelector('#' + arguments[0] + '-checkbox input').checked",
+                                      ela_id("enabled"))
+    header.click()
+    wait(browser, lambda d: view(d)["enabled"] and spec_box(d).is_displayed(), "the accordion to open, enabled")
+
+    blocks = browser.find_element(By.ID, ela_id("joint_blocks"))
+    browser.find_element(By.XPATH, f"//*[@id='{ela_id('enabled')}']//*[contains(@class, 'label-wrap')]"
+                                   "[contains(., 'Advanced')]").click()
+    wait(browser, lambda d: blocks.is_displayed(), "the Advanced settings to open")
+    assert "MM-DiT blocks" in blocks.text
+    field = blocks.find_element(By.CSS_SELECTOR, "input")
+    assert field.get_attribute("value") == ElaConfig().joint_blocks
+    field.click()
+    options = wait(browser, lambda d: [item.text.strip() for item in blocks.find_elements(By.CSS_SELECTOR, "ul.options li")],
+                   "the MM-DiT blocks choices")
+    # Each option's text, the chosen one ticked ("\u2713" on a line before it).
+    assert [option.split("\n")[-1] for option in options] == list(JOINT_BLOCK_CHOICES)
+    assert [option.startswith("\u2713") for option in options] == [c == ElaConfig().joint_blocks for c in JOINT_BLOCK_CHOICES]
+    field.send_keys(Keys.ESCAPE)
+
+    answer = ui_host.post("/ela/v1/tokens", {"prompt": SD3_PROMPT, "entities": ""})
+    type_into(browser.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea"), SD3_PROMPT)
+    expected = [["a", ""], ["black", "attribute"], ["cat", "entity"], ["a", ""], ["green", "attribute"], ["frog", "entity"]]
+    wait(browser, chips_are(browser, expected), "the prompt's chips")
+    chips = browser.find_elements(By.CSS_SELECTOR, f"#{ela_id('tokens')} .ela-chip")
+    # A chip's title starts "column 3 (entity): ..." ("columns 3, 4" for a word of two tokens).
+    columns = [int(column) for element in chips
+               for column in re.match(r"columns? ([\d, ]+)", element.get_attribute("title")).group(1).split(", ")]
+    assert columns == [token["column"] for token in answer["tokens"]]
+    for entity in answer["entities"]:
+        assert chip(browser, entity["word"]).get_attribute("title").startswith(f"column {entity['columns'][0]} (entity)")
+    assert {entity["word"]: entity["columns"] for entity in answer["entities"]} == {"cat": [3], "frog": [77 + 3]}
+    assert script_errors(browser) == []

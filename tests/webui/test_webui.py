@@ -7,6 +7,7 @@ latent, no hook outlives a generation, bad input degrades to "as if off", files 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -15,14 +16,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from ela_ext.config import OBJECTIVE_NAMES, ElaConfig
+from ela_ext.config import LAYER_CHOICES, OBJECTIVE_NAMES, ElaConfig
 
 from webui_host import (BASELINES, CHECKPOINTS, EMBEDDING_NAME, EMBEDDING_VECTORS, SAMPLER_HISTORIES, SAMPLERS,
                         SCRIPT_TITLE, SIZE, SPEC,
                         assert_bad_input_gives_the_off_image, assert_hires_and_img2img_anchor,
                         assert_off_is_byte_identical_to_no_extension, assert_on_changes_the_image_and_the_loss_falls,
                         assert_sampler_continues_from_the_anchored_latent, decode_image, ela_args, hook_counts,
-                        assert_no_failure, infotext, pixels, txt2img_payload, use_model)
+                        assert_no_failure, infotext, pixels, txt2img_payload, use_model, xyz_args, xyz_axis,
+                        xyz_cells)
 
 MODELS = list(CHECKPOINTS)
 
@@ -307,28 +309,6 @@ def test_skip_inside_the_window_ends_that_image_only(host, reference):
     _assert_nothing_left_behind(host, reference)
 
 
-XYZ_SCRIPT = "x/y/z plot"
-
-
-def xyz_axis(server, label: str, img2img: bool = False) -> int:
-    """The axis type index the X/Y/Z plot's API takes, as /sdapi/v1/script-info lists its axes."""
-    (script,) = [script for script in server.get("/sdapi/v1/script-info")
-                 if script["name"] == XYZ_SCRIPT and script["is_img2img"] == img2img]
-    return script["args"][0]["choices"].index(label)
-
-
-def xyz_args(x: tuple[int, str, list], y: tuple[int, str, list] = (0, "", [])) -> dict:
-    """``script_args`` of the X/Y/Z plot: each axis (type index, typed values, dropdown values);
-    legend on, each cell's own image returned after the grid, seeds kept."""
-    return {"script_name": XYZ_SCRIPT,
-            "script_args": [*x, *y, 0, "", [], True, True, False, False, False, False, False, 0, False]}
-
-
-def xyz_cells(result: dict) -> list[tuple[str, str]]:
-    """(image, infotext) of each cell: the response holds the grid first, then the cells."""
-    return list(zip(result["images"][1:], result["info"]["infotexts"][1:]))
-
-
 @pytest.mark.parametrize("img2img", [False, True])
 def test_xyz_enabled_and_lambda_axes_override_the_accordion_per_cell(host, img2img):
     payload = txt2img_payload("Euler a", **SIZE)
@@ -369,6 +349,24 @@ def test_xyz_objective_dropdown_and_entities_axes(host):
             (text,) = [text for text in texts if f"ELA: entities={spec};" in text and f";objective={name};" in text]
             assert "ELA log: steps=" in text
             assert_no_failure(text)
+
+
+def test_xyz_layers_dropdown_axis_reaches_the_capture(host):
+    """Each ``[ELA] Layers`` cell reads its own UNet layers: it is the image the accordion gives
+    with that choice, and the choices anchor differently."""
+    payload = txt2img_payload("Euler a", **SIZE)
+    layers = xyz_axis(host, "[ELA] Layers")
+    grid = host.txt2img(**payload, **ela_args(), **xyz_args((layers, "", list(LAYER_CHOICES))))
+    cells = xyz_cells(grid)
+    assert len(cells) == len(LAYER_CHOICES)
+    images = {}
+    for choice in LAYER_CHOICES:
+        ((image, text),) = [(image, text) for image, text in cells if f";layers={choice};" in text]
+        assert "ELA log: steps=" in text and "ELA log: steps=0" not in text, text
+        assert_no_failure(text)
+        assert pixels(image) == pixels(host.txt2img(**payload, **ela_args(layers=choice))["images"][0])
+        images[choice] = pixels(image)
+    assert all(images[a] != images[b] for a, b in itertools.combinations(LAYER_CHOICES, 2))
 
 
 @pytest.mark.parametrize("label, values, fragment", [

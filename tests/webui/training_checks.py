@@ -137,19 +137,40 @@ FAULTS = [("nan", 422, "non-finite training loss"), ("oom", 422, "out of memory"
 
 
 def assert_refused(server: WebUI, lora_dir: Path, body: dict, status: int, reason: str,
-                   fault: str | None = None) -> None:
+                   fault: str | None = None, request: dict | None = None) -> None:
     """``body`` (after arming ``fault`` for the run's second UNet call) answers ``status`` with
-    ``reason``; no file is written, no hook left, and the model gives the image it gave before."""
-    payload = txt2img_payload(**SIZE)
+    ``reason``; no file is written, no hook left, the WebUI's job state is ended, and the model
+    gives the image it gave before (``request``, default ``txt2img_payload`` at SIZE)."""
+    payload = request or txt2img_payload(**SIZE)
     before = server.txt2img(**payload)["images"][0]
     hooks_before, files_before = hook_counts(server), lora_files(lora_dir)
     if fault is not None:
         server.post("/ela/v1/debug/fault", {"kind": fault, "step": 1})
     answer_status, answer = server.request("POST", "/ela/v1/train", body)
     assert answer_status == status and reason in answer["detail"], (answer_status, answer)
+    assert_no_job_left(server)
     assert lora_files(lora_dir) == files_before
     assert hook_counts(server) == hooks_before
     assert server.txt2img(**payload)["images"][0] == before
+
+
+def assert_no_job_left(server: WebUI) -> None:
+    """The WebUI's job state as its progress bar reads it: no job, none counted, none interrupted."""
+    state = server.get("/sdapi/v1/progress?skip_current_image=true")["state"]
+    assert state["job"] == "" and state["job_count"] == 0 and not state["interrupted"], state
+
+
+# What POST /ela/v1/train and the tab answer with an MM-DiT loaded, after "the loaded model is <family>".
+MMDIT_REFUSAL = ("training supports SD 1.x / 2.x / SDXL UNets (their cross-attention key projections); "
+                 "MM-DiT models are anchored at generation but not trained")
+
+
+def assert_training_refused_on_an_mmdit(server: WebUI, lora_dir: Path, request: dict, family: str) -> None:
+    """With an MM-DiT (``family`` as the message names it) loaded, training answers 409 saying
+    what it supports, before any work: no file, no hook or replaced host function, the job state
+    ended, and ``request`` gives the image it gave before."""
+    assert_refused(server, lora_dir, train_body("on-an-mmdit"), 409, f"the loaded model is {family}: {MMDIT_REFUSAL}",
+                   request=request)
 
 
 def test_training_with_the_preservation_term(training_host: WebUI, lora_dir: Path) -> None:

@@ -301,6 +301,28 @@ def ela_args(**changes) -> dict:
     return {"alwayson_scripts": {SCRIPT_TITLE: {"args": config.as_args()}}}
 
 
+XYZ_SCRIPT = "x/y/z plot"
+
+
+def xyz_axis(server, label: str, img2img: bool = False) -> int:
+    """The axis type index the X/Y/Z plot's API takes, as /sdapi/v1/script-info lists its axes."""
+    (script,) = [script for script in server.get("/sdapi/v1/script-info")
+                 if script["name"] == XYZ_SCRIPT and script["is_img2img"] == img2img]
+    return script["args"][0]["choices"].index(label)
+
+
+def xyz_args(x: tuple[int, str, list], y: tuple[int, str, list] = (0, "", [])) -> dict:
+    """``script_args`` of the X/Y/Z plot: each axis (type index, typed values, dropdown values);
+    legend on, each cell's own image returned after the grid, seeds kept."""
+    return {"script_name": XYZ_SCRIPT,
+            "script_args": [*x, *y, 0, "", [], True, True, False, False, False, False, False, 0, False]}
+
+
+def xyz_cells(result: dict) -> list[tuple[str, str]]:
+    """(image, infotext) of each cell: the response holds the grid first, then the cells."""
+    return list(zip(result["images"][1:], result["info"]["infotexts"][1:]))
+
+
 def pixels(image_b64: str) -> list:
     """The decoded pixels as nested lists, so ``==`` compares them all. Not the PNG bytes: those
     also hold the infotext, which has the ELA keys when ELA was asked for."""
