@@ -74,8 +74,9 @@ class ModelConfig:
     # SD's layout keeps cross-attention off its lowest-resolution level (SD 1.x: 64, 32, 16 with
     # attention, 8 without); None: every level has it (the bundled model's two levels).
     attention_levels: int | None = None
-    # False: the middle block without cross-attention, so that text enters only at the levels the
-    # anchor layers sit in (without a loss, maps localise only where the middle block reads the text).
+    # False: the middle block without cross-attention, text only at the levels' blocks. Tried because
+    # without a loss the maps localise only in the middle block; then no layer localises at all
+    # (benchmark/README.md, "A second model").
     mid_attention: bool = True
 
     @classmethod
