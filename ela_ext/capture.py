@@ -85,6 +85,15 @@ def _locate(root: nn.Module, name: str) -> Optional[tuple[str, int]]:
     return None
 
 
+def cross_attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every cross-attention layer of ``unet``, in execution order; a CaptureError when it has none
+    (an MM-DiT: its text enters through joint attention)."""
+    layers = [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
+    if not layers:
+        raise CaptureError("no cross-attention layer (attn2 with to_q/to_k) found in this model")
+    return layers
+
+
 def find_cross_attention_layers(unet: nn.Module, choice: str = "up_lowest") -> list[tuple[str, nn.Module]]:
     """The cross-attention layers named by ``choice`` (config.LAYER_CHOICES), in execution order.
 
@@ -92,9 +101,7 @@ def find_cross_attention_layers(unet: nn.Module, choice: str = "up_lowest") -> l
     ``up_lowest+mid``: those and the middle block; ``mid``; ``up_all``; ``down_lowest``: the
     deepest down level with cross-attention.
     """
-    cross_attention = [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
-    if not cross_attention:
-        raise CaptureError("no cross-attention layer (attn2 with to_q/to_k) found in this model")
+    cross_attention = cross_attention_layers(unet)
     located = [(where, name, module) for name, module in cross_attention
                if (where := _locate(unet, name)) is not None]
     if not located:

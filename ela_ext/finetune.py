@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchoring import localize_target, objective_input
-from .capture import (AttentionCapture, CaptureError, find_cross_attention_layers, is_cross_attention, run_truncated,
-                      weights_frozen)
+from .capture import (AttentionCapture, CaptureError, cross_attention_layers, find_cross_attention_layers,
+                      run_truncated, weights_frozen)
 from .config import LAYER_CHOICES, OBJECTIVE_NAMES, BINARIZATION_CHOICES
 from .objectives import OBJECTIVES
 from .tokens import EntityColumns
@@ -188,12 +188,7 @@ def changes_hooked(projections: Sequence[nn.Module], changes: Sequence[nn.Module
 
 def trained_layers(unet: nn.Module, choice: str) -> list[tuple[str, nn.Module]]:
     """The cross-attention layers whose ``to_k`` is trained: all of them, or a capture choice."""
-    if choice == "all":
-        layers = [(name, module) for name, module in unet.named_modules() if is_cross_attention(name, module)]
-        if not layers:
-            raise CaptureError("no cross-attention layer (attn2 with to_q/to_k) found in this model")
-        return layers
-    return find_cross_attention_layers(unet, choice)
+    return cross_attention_layers(unet) if choice == "all" else find_cross_attention_layers(unet, choice)
 
 
 def paper_noisy_latents(alphas_cumprod: torch.Tensor, latent_shape: Sequence[int], timesteps: tuple[int, int]

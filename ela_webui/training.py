@@ -260,7 +260,8 @@ def _out_of_memory(error: BaseException) -> bool:
 def train(job: TrainingJob) -> dict:
     """Train on the loaded model and write ``<lora folder>/<name>.safetensors``. Raises
     ``TrainingRefused`` (nothing written, model untouched) with the reason on bad input, a loaded
-    model it cannot train (checked first: an MM-DiT), a non-finite loss, out of memory or Interrupt. The caller holds the queue lock and job state."""
+    model it cannot train (checked first: an MM-DiT), a non-finite loss, out of memory or Interrupt.
+    The caller holds the queue lock and job state."""
     sd_model = shared.sd_model
     if sd_model is None:
         raise TrainingRefused(409, "no model is loaded")
