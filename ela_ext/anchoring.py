@@ -164,10 +164,13 @@ def anchor_latent(latent: torch.Tensor, space: SamplerSpace, grad_pass: Callable
     a graph to ``x``. Masks come from the first pass and stay fixed for the step. Images already
     below the threshold take no further update. ``direction="random"`` is the benchmark's control:
     a step of the same size in a random direction. Raises ``AnchoringError`` on a non-finite map,
-    loss or gradient; the caller keeps its latent.
+    loss or gradient; the caller keeps its latent. ``config.objective`` must name an objective: ``auto``
+    depends on the denoiser's family, which ``ElaConfig.for_denoiser`` (the session) resolves.
     """
     if latent.shape[0] != len(targets):
         raise ValueError(f"{latent.shape[0]} latent rows but {len(targets)} entity targets")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective {config.objective!r} is not resolved: ElaConfig.for_denoiser names one per family")
     objective = OBJECTIVES[config.objective]
     z_t = space.to_unet_input(latent.detach().float())
     result = AnchorResult(latent=latent)

@@ -13,6 +13,12 @@ from typing import Any, Mapping, Sequence
 
 OBJECTIVE_NAMES = ("ela", "ela_enhance", "attend_excite", "attend_excite_paper", "iou", "center_of_mass", "kl",
                    "cluster", "separate_enhance")
+# "auto" (the default) picks the objective chosen for the denoiser's family on its benchmark model: a
+# UNet (SD 1.x / 2.x / SDXL) reads cross-attention, an MM-DiT (SD3, Flux) joint attention.
+AUTO_OBJECTIVE = "auto"
+OBJECTIVE_CHOICES = (AUTO_OBJECTIVE,) + OBJECTIVE_NAMES
+UNET_OBJECTIVE = "separate_enhance"
+JOINT_OBJECTIVE = "attend_excite_paper"
 LAYER_CHOICES = ("up_lowest", "up_lowest+mid", "mid", "up_all", "down_lowest")
 BINARIZATION_CHOICES = ("otsu", "mean", "half")
 JOINT_BLOCK_CHOICES = ("middle", "early", "all")
@@ -39,11 +45,13 @@ class ElaConfig:
     loss_threshold: float = 0.05
     # RMS of one update to z_t at full noise, in units of the latent (gradient-normalised).
     step_size: float = 0.1
-    # Separate-and-Enhance by the rule "most images right with wrong shapes within 2 points of
-    # off": on two development sets it ties ela_enhance (10.1% against 10.2% of 576 images) and
-    # keeps shapes (14.2%, off 16.3%) where ela_enhance misshapes (23.6%); its objects are
-    # dirtier (README, "Choosing the defaults"). Pure ELA (Eq. 7) stays near off.
-    objective: str = "separate_enhance"
+    # "auto": per family, by the rule "most images right with wrong shapes within 2 points of off".
+    # UNets: Separate-and-Enhance; on two development sets it ties ela_enhance (10.1% against 10.2%
+    # of 576 images) and keeps shapes (14.2%, off 16.3%) where ela_enhance misshapes (23.6%); its
+    # objects are dirtier (README, "Choosing the defaults"). MM-DiTs: Attend-and-Excite as its paper
+    # runs it, the one objective that does not hurt the benchmark MM-DiT (two development sets,
+    # 37.5% against off's 33.9% of 192 images; Separate-and-Enhance 12.5%; benchmark/README.md).
+    objective: str = AUTO_OBJECTIVE
     # Save and show the localisation masks: off, since it writes files per image.
     save_masks: bool = False
     # The paper's 16x16 first up-block with cross-attention (its Table 2).
@@ -51,9 +59,17 @@ class ElaConfig:
     # Otsu splits each map (background, entity) without a tuned constant (method.md, step 1).
     binarization: str = "otsu"
     # MM-DiT (SD3, Flux): which joint-attention blocks are read (joint_attention.choose_blocks).
-    # PROVISIONAL: the middle third, where DiT attention is reported most localised; to be
-    # measured on a benchmark MM-DiT. UNets ignore it (they read ``layers``).
+    # The middle third: on the benchmark MM-DiT the best of the three choices for each of the four
+    # objectives tried (attend_excite_paper 41.7% both correct, all 28.1%, early 12.5%; off 32.3%).
+    # UNets ignore it (they read ``layers``).
     joint_blocks: str = "middle"
+
+    def for_denoiser(self, joint: bool) -> "ElaConfig":
+        """This config with ``auto`` replaced by the objective of the denoiser's family: ``joint``
+        for an MM-DiT's joint attention, else a UNet's cross-attention."""
+        if self.objective != AUTO_OBJECTIVE:
+            return self
+        return dataclasses.replace(self, objective=JOINT_OBJECTIVE if joint else UNET_OBJECTIVE)
 
     def validated(self) -> "ElaConfig":
         """Return self, or raise ConfigError naming the first bad field and its range."""
@@ -135,7 +151,7 @@ FIELD_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "objective": OBJECTIVE_NAMES,
+    "objective": OBJECTIVE_CHOICES,
     "layers": LAYER_CHOICES,
     "binarization": BINARIZATION_CHOICES,
     "joint_blocks": JOINT_BLOCK_CHOICES,
@@ -152,15 +168,15 @@ FIELD_HELP: dict[str, str] = {
     "max_iterations": "Most latent updates per anchored step.",
     "loss_threshold": "An anchored step stops updating once the loss is below this.",
     "step_size": "Size of one latent update, relative to the latent's scale at full noise.",
-    "objective": "Loss that drives the update: separate_enhance (Separate-and-Enhance, the default), "
-                 "ela_enhance (ELA's Eq. 7 plus a presence term), ela (Eq. 7 alone), or another "
-                 "related paper's objective.",
+    "objective": "Loss that drives the update: auto (the default: separate_enhance, Separate-and-Enhance, "
+                 "on SD 1.x / 2.x / SDXL; attend_excite_paper on SD3 / Flux), ela_enhance (ELA's Eq. 7 "
+                 "plus a presence term), ela (Eq. 7 alone), or another related paper's objective.",
     "save_masks": "Save and show each image's attention maps and entity masks.",
     "layers": "Cross-attention layers whose maps are read (default: lowest-resolution up-block).",
     "binarization": "How maps are thresholded: the start-of-text map into background, each "
                     "entity's map into where it attends.",
     "joint_blocks": "MM-DiT models (SD3, Flux): joint-attention blocks whose text-to-image maps are read: "
-                    "the middle third (provisional default), the first third, or all.",
+                    "the middle third (default), the first third, or all.",
 }
 
 INFOTEXT_KEYS: dict[str, str] = {

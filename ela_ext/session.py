@@ -51,8 +51,9 @@ class AnchoringSession:
     def __init__(self, unet: nn.Module, config: ElaConfig, targets: Sequence[EntityColumns],
                  capture: Optional[JointAttentionCapture] = None):
         """``unet``: the denoiser whose weights are frozen during grad passes (a UNet or an MM-DiT);
-        ``capture``: an MM-DiT's joint-attention capture, hooked by the host; None for a UNet."""
-        self.config = config.validated()
+        ``capture``: an MM-DiT's joint-attention capture, hooked by the host; None for a UNet. An
+        ``auto`` objective becomes the one chosen for that family (``ElaConfig.for_denoiser``)."""
+        self.config = config.validated().for_denoiser(joint=capture is not None)
         self.targets = list(targets)
         self.steps: list[StepLog] = []
         self.warnings: list[str] = []

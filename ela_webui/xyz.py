@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from modules import script_callbacks, scripts
 
-from ela_ext.config import JOINT_BLOCK_CHOICES, LAYER_CHOICES, OBJECTIVE_NAMES
+from ela_ext.config import JOINT_BLOCK_CHOICES, LAYER_CHOICES, OBJECTIVE_CHOICES
 
 AXIS_VALUES_ATTRIBUTE = "ela_axis_values"
 AXIS_PREFIX = "[ELA] "
@@ -35,7 +35,7 @@ AXES: tuple[tuple[str, type, Optional[tuple[str, ...]]], ...] = (
     ("window_end", float, None),
     ("max_iterations", int, None),
     ("step_size", float, None),
-    ("objective", str, OBJECTIVE_NAMES),
+    ("objective", str, OBJECTIVE_CHOICES),
     ("loss_threshold", float, None),
     ("layers", str, LAYER_CHOICES),
     ("joint_blocks", str, JOINT_BLOCK_CHOICES),

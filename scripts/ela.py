@@ -19,7 +19,7 @@ from modules import images, script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ela_ext.config import (API_FIELDS, BINARIZATION_CHOICES, FIELD_BOUNDS, FIELD_HELP, JOINT_BLOCK_CHOICES,
-                            LAYER_CHOICES, OBJECTIVE_NAMES, PRESETS, ConfigError, ElaConfig)
+                            LAYER_CHOICES, OBJECTIVE_CHOICES, PRESETS, ConfigError, ElaConfig)
 from ela_webui import debug, routes, training_ui, xyz
 from ela_webui.generation import ElaRun
 
@@ -84,7 +84,7 @@ class ElaScript(scripts.Script):
                     components[name] = self._slider(name, defaults)
             with gr.Row():
                 components["objective"] = gr.Dropdown(
-                    label=LABELS["objective"], choices=list(OBJECTIVE_NAMES), value=defaults.objective,
+                    label=LABELS["objective"], choices=list(OBJECTIVE_CHOICES), value=defaults.objective,
                     elem_id=self.elem_id("objective"))
                 components["save_masks"] = gr.Checkbox(
                     label=LABELS["save_masks"], value=defaults.save_masks, elem_id=self.elem_id("save_masks"))

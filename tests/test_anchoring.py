@@ -15,7 +15,7 @@ from ela_ext.tokens import EntityColumns, ResolvedEntity, WordColumns
 TARGET = EntityColumns(
     entities=(ResolvedEntity("cat", (2,), (WordColumns("black", (1,)),)), ResolvedEntity("frog", (5,), ())),
     sot_columns=(0,))
-CONFIG = replace(ElaConfig(enabled=True), max_iterations=6, loss_threshold=0.0, step_size=0.3)
+CONFIG = replace(ElaConfig(enabled=True), max_iterations=6, loss_threshold=0.0, step_size=0.3).for_denoiser(joint=False)
 ALPHAS = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
 
 
@@ -110,3 +110,18 @@ def test_session_window_log_and_failure_leave_no_hooks(tiny_unet, context):
     assert broken.failed and "OutOfMemoryError" in broken.warnings[0]
     assert broken.maybe_anchor(latent, space, 1, 4, forward) is latent  # stays off afterwards
     assert hook_counts(tiny_unet) == before
+
+
+def test_auto_objective_is_separate_enhance_on_a_unet(tiny_unet, context):
+    """The default ``auto`` anchors a UNet exactly as Separate-and-Enhance does, and not as another
+    objective would (an MM-DiT's: tests/test_joint_attention.py)."""
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    space = SamplerSpace.from_sigma(3.0)
+
+    def anchored(objective):
+        session = AnchoringSession(tiny_unet, replace(CONFIG, objective=objective, max_iterations=2), [TARGET])
+        forward = lambda x: tiny_unet(space.to_unet_input(x), 700, encoder_hidden_states=context)  # noqa: E731
+        return session.config.objective, session.maybe_anchor(latent, space, 0, 4, forward)
+
+    (name, auto), (_, chosen), (_, other) = (anchored(o) for o in ("auto", "separate_enhance", "attend_excite_paper"))
+    assert name == "separate_enhance" and torch.equal(auto, chosen) and not torch.equal(auto, other)

@@ -58,6 +58,17 @@ def test_infotext_round_trip_without_characters_the_webui_would_quote():
         ElaConfig.from_infotext("lambda=0.3;nonsense")
 
 
+def test_auto_objective_resolves_per_denoiser_family_and_round_trips():
+    config = ElaConfig(enabled=True)
+    assert config.objective == "auto"
+    assert config.for_denoiser(joint=False).objective == "separate_enhance"
+    assert config.for_denoiser(joint=True).objective == "attend_excite_paper"
+    chosen = replace(config, objective="iou")
+    assert chosen.for_denoiser(joint=True) is chosen  # a named objective is kept on every family
+    assert ElaConfig.from_infotext(config.to_infotext()).objective == "auto"
+    assert ElaConfig.from_infotext("objective=separate_enhance").objective == "separate_enhance"  # older images
+
+
 def test_presets_are_valid_settings():
     from ela_ext.config import PRESETS
 

@@ -171,7 +171,7 @@ def test_joint_columns_refuse_parts_with_other_entities():
 
 TARGET = EntityColumns((ResolvedEntity("cat", (2,), ()), ResolvedEntity("frog", (5,), ())), (0,),
                        tuple(range(1, 8)))
-CONFIG = replace(ElaConfig(enabled=True), max_iterations=6, loss_threshold=0.0, step_size=0.3)
+CONFIG = replace(ElaConfig(enabled=True), max_iterations=6, loss_threshold=0.0, step_size=0.3).for_denoiser(joint=True)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +250,20 @@ def test_a_capture_whose_blocks_never_run_leaves_the_latent_alone(mmdit, text):
     forward = lambda x: mmdit(x, torch.full((1,), 0.8), text, attention=hooked(session._joint))  # noqa: E731
     assert session.maybe_anchor(latent, SamplerSpace.from_flow_sigma(0.8), 0, 4, forward) is latent
     assert session.failed and "no chosen joint-attention block ran" in session.warnings[0]
+
+
+def test_auto_objective_is_attend_and_excite_as_its_paper_runs_it_on_an_mmdit(mmdit, text):
+    """The default ``auto`` anchors an MM-DiT with ``attend_excite_paper`` (chosen on the benchmark
+    MM-DiT, ElaConfig.objective), not with the UNets' Separate-and-Enhance."""
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((1,), 0.8)
+
+    def anchored(objective):
+        capture = JointAttentionCapture(choose_blocks(len(mmdit.joint_blocks), "middle"))
+        session = AnchoringSession(mmdit, replace(CONFIG, objective=objective, max_iterations=2), [TARGET],
+                                   capture=capture)
+        forward = lambda x: mmdit(x, sigma, text, attention=hooked(capture))  # noqa: E731
+        return session.config.objective, session.maybe_anchor(latent, SamplerSpace.from_flow_sigma(0.8), 0, 4, forward)
+
+    (name, auto), (_, chosen), (_, other) = (anchored(o) for o in ("auto", "attend_excite_paper", "separate_enhance"))
+    assert name == "attend_excite_paper" and torch.equal(auto, chosen) and not torch.equal(auto, other)

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     seeds = parse_seeds(args.seeds)
     rows, objects = [], parse_prompt(args.prompt)
     session = None
-    defaults = ElaConfig(enabled=True, entities=args.entities)
+    defaults = ElaConfig(enabled=True, entities=args.entities).for_denoiser(joint=model.backbone == "mmdit")
     rows_to_make = (("off", replace(defaults, enabled=False)), (f"{defaults.objective}", defaults),
                     ("ela (Eq. 7)", replace(defaults, objective="ela")))
     for title, config in rows_to_make:

@@ -84,6 +84,7 @@ def profile_loop(unet: torch.nn.Module, forward: Callable[[torch.Tensor], Any], 
                  space: SamplerSpace, targets: list, config: ElaConfig, device: str) -> dict[str, float]:
     """Seconds per grad pass of each part of ``anchor_latent`` (localisation: per anchored step)."""
     timers = Timers(device)
+    config = config.for_denoiser(joint=False)
     layers = [module for _, module in find_cross_attention_layers(unet, config.layers)]
     objective = anchoring.OBJECTIVES[config.objective]
     timed = {(capture, "attention_probs"): "map recomputation", (anchoring, "localize_target"): "localisation",

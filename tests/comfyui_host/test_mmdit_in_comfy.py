@@ -95,6 +95,17 @@ def test_anchoring_changes_the_image_and_the_loss_falls(tiny_models, model):
         shutil.copy(comfy.root / "output" / on.entry["outputs"][GRID_NODE]["images"][0]["filename"], target)
 
 
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_the_default_objective_anchors_as_attend_excite_paper(tiny_models, model):
+    """The workflows' ``auto`` (the node's default) is ``attend_excite_paper`` on an MM-DiT: the same
+    pixels, and not those of the UNets' ``separate_enhance``."""
+    comfy = host_with(tiny_models, model)
+    auto, chosen, other = (comfy.run(mmdit_workflow(model, steps=4, max_iterations=2, objective=objective)).pixels()
+                           for objective in ("auto", "attend_excite_paper", "separate_enhance"))
+    assert np.array_equal(auto, chosen)
+    assert differs(auto, other) > 0
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_off_and_a_plain_run_after_an_anchored_one_are_pixel_identical_to_no_node(tiny_models, model):
     comfy = host_with(tiny_models, model)

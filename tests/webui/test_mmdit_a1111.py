@@ -18,8 +18,9 @@ import pytest
 
 from ela_ext.config import JOINT_BLOCK_CHOICES, ElaConfig
 
-from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
+from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_auto_is_the_mmdit_objective,
+                          assert_off_is_the_image_without_the_extension, assert_plain_with_a_message,
+                          assert_xyz_enabled_and_block_axes, payload, require_files)
 from test_training import click_train
 from training_checks import MMDIT_REFUSAL, assert_no_job_left, assert_training_refused_on_an_mmdit, lora_files
 from webui_host import (SCRIPT_TITLE, SPEC, WebUI, assert_bad_input_gives_the_off_image, assert_no_failure,
@@ -94,6 +95,10 @@ def test_sd3_on_anchors_with_a_falling_loss(sd3, sampler):
 @pytest.mark.parametrize("blocks", JOINT_BLOCK_CHOICES)
 def test_sd3_every_block_choice_anchors(sd3, blocks):
     assert_anchors_with_a_falling_loss(sd3, payload(), joint_blocks=blocks)
+
+
+def test_sd3_default_objective_is_attend_excite_paper(sd3):
+    assert_auto_is_the_mmdit_objective(sd3, payload())
 
 
 def test_sd3_xyz_enabled_and_block_axes(sd3):

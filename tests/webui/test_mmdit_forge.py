@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_off_is_the_image_without_the_extension,
-                          assert_plain_with_a_message, assert_xyz_enabled_and_block_axes, payload, require_files)
+from mmdit_checks import (assert_anchors_with_a_falling_loss, assert_auto_is_the_mmdit_objective,
+                          assert_off_is_the_image_without_the_extension, assert_plain_with_a_message,
+                          assert_xyz_enabled_and_block_axes, payload, require_files)
 from test_forge import Forge
 from training_checks import assert_training_refused_on_an_mmdit
 from webui_host import (SPEC, assert_no_failure, assert_sampler_continues_from_the_anchored_latent,
@@ -107,6 +108,11 @@ def test_dit_off_is_byte_identical_to_no_extension(dit_forge, dit_absent, name):
         pytest.skip("the checkout was linked before the tests started: no extension-free baseline")
     model, request = BASELINES[name]
     assert_off_is_the_image_without_the_extension(use(dit_forge, model), request, dit_absent[name])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dit_default_objective_is_attend_excite_paper(dit_forge, model):
+    assert_auto_is_the_mmdit_objective(use(dit_forge, model), payload(**FIELDS[model]))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
