@@ -383,8 +383,10 @@ def assert_sampler_continues_from_the_anchored_latent(server: WebUI, sampler: st
     """The sampler's next latent is an affine function of its current latent and this call's (and,
     for a multistep sampler, the last ``history`` calls') outputs. It must fit the ANCHORED latent,
     not the one the sampler passed in: that shows the write reached the sampler's own state, not
-    only the UNet. ``request``: the generation (default: ``txt2img_payload(sampler)`` at SIZE)."""
-    server.txt2img(**(request or txt2img_payload(sampler, **SIZE)), **ela_args())
+    only the UNet. ``request``: the generation (default: ``txt2img_payload(sampler)`` at SIZE). The
+    objective is Separate-and-Enhance's on every model: on the tiny random Flux the MM-DiT default's
+    (``attend_excite_paper``) moves the latent too little to tell the two apart."""
+    server.txt2img(**(request or txt2img_payload(sampler, **SIZE)), **ela_args(objective="separate_enhance"))
     calls = server.get("/ela/v1/debug/calls")["calls"]
     checked = 0
     for k, call in enumerate(calls[:-1]):
