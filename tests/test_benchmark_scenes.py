@@ -7,8 +7,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 from benchmark.judge.evaluate import MERGED, MISSING, OK, WRONG_COLOUR, WRONG_SHAPE, evaluate
-from benchmark.models.scenes import (PALETTE, TEST_PROMPTS_PATH, is_held_out, parse_prompt, prompt_text, render,
-                                     held_out_prompts, training_scene)
+from benchmark.models.scenes import (PALETTE, RELATION_MARGIN, RELATIONS, TEST_PROMPTS_PATH, is_held_out, parse_prompt,
+                                     prompt_text, render, held_out_prompts, training_scene)
 
 
 def test_generator_is_deterministic():
@@ -16,6 +16,25 @@ def test_generator_is_deterministic():
     assert np.array_equal(a.image, b.image) and a.caption == b.caption
     assert not np.array_equal(a.image, c.image)
     assert a.image.shape == (32, 32, 3) and a.image.dtype == np.uint8
+
+
+def test_relation_captions_say_what_the_scene_shows_and_change_nothing_else():
+    """``relations``: a two-object caption names where the first object lies against the second's
+    centre, truly; the images, and every caption at 0, are the plain stream's."""
+    named = 0
+    for seed in range(300):
+        plain, told = training_scene(seed), training_scene(seed, relations=1.0)
+        assert np.array_equal(plain.image, told.image) and plain.caption == training_scene(seed, relations=0.0).caption
+        if len(plain.objects) != 2 or told.caption == plain.caption:
+            assert told.caption == plain.caption
+            continue
+        named += 1
+        first, second = plain.caption.split(" and ")
+        (word,) = [w for w in RELATIONS if told.caption == f"{first} {w} {second}"]
+        (x0, y0), (x1, y1) = ((o.mask.nonzero()[1].mean(), o.mask.nonzero()[0].mean()) for o in told.objects)
+        dx, dy = x0 - x1, y0 - y1
+        assert {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[word] >= RELATION_MARGIN, (seed, word)
+    assert named > 100
 
 
 def test_training_never_shows_held_out_pairings():

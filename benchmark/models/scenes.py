@@ -152,10 +152,26 @@ def layout(rng: random.Random, pairs: list[tuple[str, str]]) -> list[tuple[str, 
     return [(s, c, b) for (s, c), b in zip(pairs, boxes)]
 
 
-def training_scene(seed: int, scale: int = 1) -> Scene:
+# "A left of B": the centre of A's drawn pixels at least RELATION_MARGIN pixels left of B's; each word
+# as (axis of the mask's nonzero(): 0 rows, 1 columns; sign): image x to the right, y down.
+RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}
+RELATION_MARGIN = 4
+
+
+def relations_between(first: SceneObject, second: SceneObject) -> list[str]:
+    """The relation words true of object ``first`` against ``second`` (mask centres, by the margin)."""
+    centre = lambda obj, axis: float(obj.mask.nonzero()[axis].mean())  # noqa: E731
+    return [word for word, (axis, sign) in RELATIONS.items()
+            if sign * (centre(first, axis) - centre(second, axis)) >= RELATION_MARGIN]
+
+
+def training_scene(seed: int, scale: int = 1, relations: float = 0.0) -> Scene:
     """One training example: 1 object (25%), 2 (60%) or 3 (15%), distinct shapes and colours, never a
     held-out pairing; two-or-more-object captions name colours half of the time. ``scale``: image
-    resolution as a multiple of ``SIZE`` (same scene at every scale)."""
+    resolution as a multiple of ``SIZE`` (same scene at every scale). ``relations``: the share of
+    two-object captions that say where the first object is ("a red circle left of a blue square",
+    a relation true of the drawn layout), so that the text has a say in the layout, as SD's captions
+    do; the scenes themselves, and every caption at 0, are those of the plain stream."""
     rng = random.Random(seed)
     n = rng.choices([1, 2, 3], weights=[25, 60, 15])[0]
     while True:
@@ -164,7 +180,14 @@ def training_scene(seed: int, scale: int = 1) -> Scene:
             break
     with_colours = n == 1 or rng.random() < 0.5
     image, truth = render(layout(rng, pairs), scale)
-    return Scene(image, truth, caption_for(pairs, with_colours))
+    caption = caption_for(pairs, with_colours)
+    side_rng = random.Random(seed * 7919 + 1)  # its own stream: the plain one is untouched
+    if n == 2 and side_rng.random() < relations:
+        true = relations_between(*truth)
+        if true:
+            phrases = caption.split(" and ")
+            caption = f"{phrases[0]} {side_rng.choice(true)} {phrases[1]}"
+    return Scene(image, truth, caption)
 
 
 def held_out_prompts(seed: int = 0, count: int = 48) -> list[list[tuple[str, str | None]]]:

@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grounding", type=float, default=None,
                    help="UNet: weight of the shape words' attention grounding loss on the anchor layers (0: off; "
                         "default 0.05); the MM-DiT takes none")
+    p.add_argument("--relations", type=float, default=0.0,
+                   help="share of two-object captions that name where the first object is (scenes.training_scene)")
+    p.add_argument("--init-from", default=None,
+                   help="a new run starts from runs/INIT_FROM's checkpoint (weights, EMA, optimizer, step, "
+                        "design); this command's data options (--relations) apply from there")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--max-minutes", type=float, default=10**9, help="stop (with a checkpoint) after this")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
@@ -100,7 +105,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig | MMDiTConfig:
 def make_batch(args, step: int, tokenizer, cache: dict, autoencoder=None):
     """(scenes, latents, token ids, noise, timesteps) of ``step``: a pure function of (seed, step)."""
     base = (args.seed * 1_000_003 + step) * args.batch
-    scenes = [training_scene(base + i, 1 if autoencoder is None else AE_SCALE) for i in range(args.batch)]
+    scenes = [training_scene(base + i, 1 if autoencoder is None else AE_SCALE, getattr(args, "relations", 0.0))
+              for i in range(args.batch)]
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     drop = torch.rand(args.batch, generator=gen) < args.cfg_dropout
     captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
@@ -203,17 +209,31 @@ def export(run_dir: Path, stem: str, out_dir: Path = WEIGHTS_DIR) -> Path:
     out.with_suffix(".json").write_text(json.dumps({
         "backbone": backbone, "model_config": ckpt["model_config"], "latent": latent, "scheduler_config": schedule,
         "step": ckpt["step"], "images_seen": ckpt["step"] * args["batch"], "ema_decay": args["ema"],
-        "seconds": round(logged_seconds(run_dir / "train.log")),
+        "seconds": round(logged_seconds(run_dir / "train.log") + args.get("init_seconds", 0.0)),
         "train_args": args, "command": ckpt["command"],
         "export_command": f"python -m benchmark.models.train --name {args['name']} --export --export-name {stem}",
     }, indent=1) + "\n")
     return out
 
 
+def initial_checkpoint(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
+    """A run started with ``--init-from``: the other run's checkpoint and design, with this command's
+    name, data options and limits; its recorded command says both stages, ``init_seconds`` the
+    first stage's training time (the export adds it)."""
+    ckpt = torch.load(RUNS_DIR / args.init_from / "ckpt.pt", map_location="cpu", weights_only=False)
+    own = {key: getattr(args, key) for key in ("name", "init_from", "relations", "max_steps", "max_minutes")}
+    own["init_seconds"] = logged_seconds(RUNS_DIR / args.init_from / "train.log")
+    command = " ".join(["python -m benchmark.models.train"] + sys.argv[1:])
+    ckpt = {**ckpt, "command": f"{ckpt['command']} (to step {ckpt['step']}); then {command}"}
+    return ckpt, argparse.Namespace(**{**ckpt["args"], **own})
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     run_dir = RUNS_DIR / args.name
     ckpt_path, ckpt, args = open_run(run_dir, args)
+    if ckpt is None and getattr(args, "init_from", None):
+        ckpt, args = initial_checkpoint(args)
     config = model_config(args)
     latent_shape = PIXEL_UNSHUFFLE_SHAPE if getattr(args, "autoencoder", None) is None else AE_LATENT_SHAPE
     backbone = getattr(args, "backbone", "unet")
