@@ -50,7 +50,8 @@ class ElaConfig:
     # of 576 images) and keeps shapes (14.2%, off 16.3%) where ela_enhance misshapes (23.6%); its
     # objects are dirtier (README, "Choosing the defaults"). MM-DiTs: Attend-and-Excite as its paper
     # runs it, the one objective that does not hurt the benchmark MM-DiT (two development sets,
-    # 37.5% against off's 33.9% of 192 images; Separate-and-Enhance 12.5%; benchmark/README.md).
+    # 37.5% against off's 33.9% of 192 images; Separate-and-Enhance 12.5%), and on the reported
+    # prompts 32.1% -> 36.6% of 576 (benchmark/README.md).
     objective: str = AUTO_OBJECTIVE
     # Save and show the localisation masks: off, since it writes files per image.
     save_masks: bool = False
