@@ -83,13 +83,15 @@ def test_unet_on_autoencoder_latents_resumes_exports_and_samples(runs):
 
 def test_a_run_initialised_from_another_continues_its_weights_with_its_own_data(runs):
     """``--init-from``: the new run starts at the other's step from its weights and design, sees
-    relation captions (``--relations``), and its export records both stages."""
+    relation and position captions (``--relations``, ``--positions``), and its export records both
+    stages."""
     train_autoencoder("ae", 1)
     train_unet("base", 2, "ae")
     train_module.train(train_module.parse_args(["--name", "told", "--init-from", "base", "--relations", "1",
-                                                "--max-steps", "3"]))
+                                                "--positions", "0.5", "--max-steps", "3"]))
     base, told = (torch.load(runs / n / "ckpt.pt", weights_only=False) for n in ("base", "told"))
-    assert told["step"] == 3 and told["args"]["relations"] == 1.0 and told["args"]["block_channels"] == "16,32"
+    assert told["step"] == 3 and told["args"]["relations"] == 1.0 and told["args"]["positions"] == 0.5
+    assert told["args"]["block_channels"] == "16,32"
     assert not torch.equal(base["unet"]["conv_in.weight"], told["unet"]["conv_in.weight"])  # it trained on
     train_unet("plain", 3, "ae")  # the base run's third step, without relations: a different update
     plain = torch.load(runs / "plain" / "ckpt.pt", weights_only=False)
@@ -97,7 +99,8 @@ def test_a_run_initialised_from_another_continues_its_weights_with_its_own_data(
     args = train_module.argparse.Namespace(**told["args"])
     scenes = train_module.make_batch(args, 2, train_module.load_tokenizer(), {}, None)[0]
     first = (args.seed * 1_000_003 + 2) * args.batch  # make_batch's scene seeds
-    assert [s.caption for s in scenes] == [training_scene(first + i, relations=1.0).caption for i in range(args.batch)]
+    assert [s.caption for s in scenes] == [training_scene(first + i, relations=1.0, positions=0.5).caption
+                                          for i in range(args.batch)]
     meta = load_model(train_module.export(runs / "told", "told", runs / "weights")).meta
     assert "(to step 2); then" in meta["command"] and meta["train_args"]["init_from"] == "base"
 

@@ -15,6 +15,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -114,10 +115,21 @@ def render(objects: list[tuple[str, str, tuple[int, int, int, int]]],
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), truth
 
 
-def caption_for(pairs: list[tuple[str, str]], with_colours: bool) -> str:
-    """"a red circle" / "a circle and a square" / "a red circle and a blue square" / three with a comma."""
+def caption_for(pairs: list[tuple[str, str]], with_colours: bool, places: Sequence[str] = ()) -> str:
+    """"a red circle" / "a circle and a square" / "a red circle and a blue square" / three with a comma;
+    ``places`` (one per object, ``place_of``) follow their objects: "a red circle at the top left"."""
     phrases = [f"a {c} {s}" if with_colours else f"a {s}" for s, c in pairs]
+    phrases = [f"{phrase} {place}" for phrase, place in zip(phrases, places)] or phrases
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def place_of(obj: SceneObject) -> str:
+    """Where an object's drawn pixels are centred, in thirds of the image: "at the top left", "at the
+    left", ..., "in the middle" (rows above columns, as people say it)."""
+    ys, xs = obj.mask.nonzero()
+    third = lambda value, words: words[min(int(3 * (value + 0.5) / SIZE), 2)]  # noqa: E731
+    where = " ".join(w for w in (third(ys.mean(), ("top", "", "bottom")), third(xs.mean(), ("left", "", "right"))) if w)
+    return f"at the {where}" if where else "in the middle"
 
 
 def is_held_out(pairs: list[tuple[str, str]]) -> bool:
@@ -165,13 +177,16 @@ def relations_between(first: SceneObject, second: SceneObject) -> list[str]:
             if sign * (centre(first, axis) - centre(second, axis)) >= RELATION_MARGIN]
 
 
-def training_scene(seed: int, scale: int = 1, relations: float = 0.0) -> Scene:
+def training_scene(seed: int, scale: int = 1, relations: float = 0.0, positions: float = 0.0) -> Scene:
     """One training example: 1 object (25%), 2 (60%) or 3 (15%), distinct shapes and colours, never a
     held-out pairing; two-or-more-object captions name colours half of the time. ``scale``: image
     resolution as a multiple of ``SIZE`` (same scene at every scale). ``relations``: the share of
     two-object captions that say where the first object is ("a red circle left of a blue square",
     a relation true of the drawn layout), so that the text has a say in the layout, as SD's captions
-    do; the scenes themselves, and every caption at 0, are those of the plain stream."""
+    do. ``positions``: the share of captions (any count, drawn before ``relations``) that say where
+    each object is in the image ("a red circle at the top left and a blue square at the bottom"), so
+    that the text decides the whole layout. The scenes themselves, and every caption at 0, are those
+    of the plain stream."""
     rng = random.Random(seed)
     n = rng.choices([1, 2, 3], weights=[25, 60, 15])[0]
     while True:
@@ -182,6 +197,8 @@ def training_scene(seed: int, scale: int = 1, relations: float = 0.0) -> Scene:
     image, truth = render(layout(rng, pairs), scale)
     caption = caption_for(pairs, with_colours)
     side_rng = random.Random(seed * 7919 + 1)  # its own stream: the plain one is untouched
+    if random.Random(seed * 7919 + 2).random() < positions:
+        return Scene(image, truth, caption_for(pairs, with_colours, [place_of(obj) for obj in truth]))
     if n == 2 and side_rng.random() < relations:
         true = relations_between(*truth)
         if true:

@@ -74,9 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default 0.05); the MM-DiT takes none")
     p.add_argument("--relations", type=float, default=0.0,
                    help="share of two-object captions that name where the first object is (scenes.training_scene)")
+    p.add_argument("--positions", type=float, default=0.0,
+                   help="share of captions that name where each object is in the image (scenes.training_scene)")
     p.add_argument("--init-from", default=None,
                    help="a new run starts from runs/INIT_FROM's checkpoint (weights, EMA, optimizer, step, "
-                        "design); this command's data options (--relations) apply from there")
+                        "design); this command's data options (--relations, --positions) apply from there")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--max-minutes", type=float, default=10**9, help="stop (with a checkpoint) after this")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
@@ -105,8 +107,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig | MMDiTConfig:
 def make_batch(args, step: int, tokenizer, cache: dict, autoencoder=None):
     """(scenes, latents, token ids, noise, timesteps) of ``step``: a pure function of (seed, step)."""
     base = (args.seed * 1_000_003 + step) * args.batch
-    scenes = [training_scene(base + i, 1 if autoencoder is None else AE_SCALE, getattr(args, "relations", 0.0))
-              for i in range(args.batch)]
+    scenes = [training_scene(base + i, 1 if autoencoder is None else AE_SCALE, getattr(args, "relations", 0.0),
+                             getattr(args, "positions", 0.0)) for i in range(args.batch)]
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     drop = torch.rand(args.batch, generator=gen) < args.cfg_dropout
     captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
@@ -221,7 +223,7 @@ def initial_checkpoint(args: argparse.Namespace) -> tuple[dict, argparse.Namespa
     name, data options and limits; its recorded command says both stages, ``init_seconds`` the
     first stage's training time (the export adds it)."""
     ckpt = torch.load(RUNS_DIR / args.init_from / "ckpt.pt", map_location="cpu", weights_only=False)
-    own = {key: getattr(args, key) for key in ("name", "init_from", "relations", "max_steps", "max_minutes")}
+    own = {key: getattr(args, key) for key in ("name", "init_from", "relations", "positions", "max_steps", "max_minutes")}
     own["init_seconds"] = logged_seconds(RUNS_DIR / args.init_from / "train.log")
     command = " ".join(["python -m benchmark.models.train"] + sys.argv[1:])
     ckpt = {**ckpt, "command": f"{ckpt['command']} (to step {ckpt['step']}); then {command}"}
