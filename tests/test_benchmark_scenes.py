@@ -18,13 +18,20 @@ def test_generator_is_deterministic():
     assert a.image.shape == (32, 32, 3) and a.image.dtype == np.uint8
 
 
+def scenes_told(option: str, count: int = 300):
+    """(seed, plain scene, scene with the caption ``option`` at 1) for ``count`` seeds, each checked to
+    keep the plain image, and at 0 the plain caption."""
+    for seed in range(count):
+        plain, told = training_scene(seed), training_scene(seed, **{option: 1.0})
+        assert np.array_equal(plain.image, told.image) and plain.caption == training_scene(seed, **{option: 0.0}).caption
+        yield seed, plain, told
+
+
 def test_relation_captions_say_what_the_scene_shows_and_change_nothing_else():
     """``relations``: a two-object caption names where the first object lies against the second's
     centre, truly; the images, and every caption at 0, are the plain stream's."""
     named = 0
-    for seed in range(300):
-        plain, told = training_scene(seed), training_scene(seed, relations=1.0)
-        assert np.array_equal(plain.image, told.image) and plain.caption == training_scene(seed, relations=0.0).caption
+    for seed, plain, told in scenes_told("relations"):
         if len(plain.objects) != 2 or told.caption == plain.caption:
             assert told.caption == plain.caption
             continue
@@ -41,9 +48,7 @@ def test_position_captions_say_where_each_object_is_and_change_nothing_else():
     """``positions``: a caption follows each object with the third of the image its pixels are centred
     in, truly; the images, and every caption at 0, are the plain stream's."""
     told_count = 0
-    for seed in range(300):
-        plain, told = training_scene(seed), training_scene(seed, positions=1.0)
-        assert np.array_equal(plain.image, told.image) and plain.caption == training_scene(seed, positions=0.0).caption
+    for seed, plain, told in scenes_told("positions"):
         told_count += told.caption != plain.caption
         places = told.caption
         for obj in told.objects:
