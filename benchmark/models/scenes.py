@@ -123,12 +123,18 @@ def caption_for(pairs: list[tuple[str, str]], with_colours: bool, places: Sequen
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def centre_of(obj: SceneObject) -> tuple[float, float]:
+    """(row, column) of the mean of the object's drawn pixels (its mask's ``nonzero()`` axes)."""
+    ys, xs = obj.mask.nonzero()
+    return float(ys.mean()), float(xs.mean())
+
+
 def place_of(obj: SceneObject) -> str:
     """Where an object's drawn pixels are centred, in thirds of the image: "at the top left", "at the
     left", ..., "in the middle" (rows above columns, as people say it)."""
-    ys, xs = obj.mask.nonzero()
     third = lambda value, words: words[min(int(3 * (value + 0.5) / SIZE), 2)]  # noqa: E731
-    where = " ".join(w for w in (third(ys.mean(), ("top", "", "bottom")), third(xs.mean(), ("left", "", "right"))) if w)
+    row, column = centre_of(obj)
+    where = " ".join(w for w in (third(row, ("top", "", "bottom")), third(column, ("left", "", "right"))) if w)
     return f"at the {where}" if where else "in the middle"
 
 
@@ -172,9 +178,8 @@ RELATION_MARGIN = 4
 
 def relations_between(first: SceneObject, second: SceneObject) -> list[str]:
     """The relation words true of object ``first`` against ``second`` (mask centres, by the margin)."""
-    centre = lambda obj, axis: float(obj.mask.nonzero()[axis].mean())  # noqa: E731
     return [word for word, (axis, sign) in RELATIONS.items()
-            if sign * (centre(first, axis) - centre(second, axis)) >= RELATION_MARGIN]
+            if sign * (centre_of(first)[axis] - centre_of(second)[axis]) >= RELATION_MARGIN]
 
 
 def training_scene(seed: int, scale: int = 1, relations: float = 0.0, positions: float = 0.0) -> Scene:
